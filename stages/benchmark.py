@@ -1,0 +1,176 @@
+"""Stage benchmark: PyTorch eager, ONNX Runtime and OpenVINO side by side in one process."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import datasets, logs, paths, plots, runtimes, tracking
+from stages.outputs import write_csv, write_json
+from stages.params import Benchmark, Params, load_params
+
+log = logging.getLogger("stages.benchmark")
+ROUNDS = 3  # each runtime measured in turns, so drift of the machine hits all alike
+
+
+def timed_calls(fn: Callable[[], object], seconds: float) -> list[float]:
+    """Call fn repeatedly for about `seconds` (at least 5 calls); each call's duration."""
+    durations: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(durations) < 5:
+        started = time.perf_counter()
+        fn()
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def summarize(latencies: list[float], batch_times: list[float], batch: int) -> dict[str, float]:
+    """Median latency and throughput, with the 10th-90th percentile spread of each."""
+    lat_ms = np.array(latencies) * 1000
+    per_second = batch / np.array(batch_times)
+    return {
+        "latency_ms": float(np.median(lat_ms)),
+        "latency_p10_ms": float(np.percentile(lat_ms, 10)),
+        "latency_p90_ms": float(np.percentile(lat_ms, 90)),
+        "throughput": float(np.median(per_second)),
+        "throughput_p10": float(np.percentile(per_second, 10)),
+        "throughput_p90": float(np.percentile(per_second, 90)),
+    }
+
+
+def openvino_async(xml: Path, batch: np.ndarray, threads: int, seconds: float) -> float:
+    """Images/s with OpenVINO's THROUGHPUT hint and as many requests as it suggests."""
+    import openvino as ov
+
+    compiled = runtimes.openvino_model(xml, threads, hint="THROUGHPUT")
+    jobs = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+    queue = ov.AsyncInferQueue(compiled, jobs)
+    for _ in range(jobs):  # warm-up
+        queue.start_async({0: batch})
+    queue.wait_all()
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        queue.start_async({0: batch})
+        done += 1
+    queue.wait_all()
+    return done * len(batch) / (time.perf_counter() - started)
+
+
+def benchmark_app(xml: Path, shape: tuple[int, ...], threads: int, seconds: float) -> float | None:
+    """OpenVINO's benchmark_app images/s for the same IR, shape and threads (a cross-check)."""
+    tool = shutil.which("benchmark_app", path=str(Path(sys.executable).parent))
+    if tool is None:
+        return None
+    # Synchronous, one stream, our thread count: the same setting as our own measurement.
+    command = [
+        tool,
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        "-hint",
+        "none",
+        "-api",
+        "sync",
+        "-nstreams",
+        "1",
+        "-nthreads",
+        str(threads),
+        "-t",
+        str(max(1, round(seconds))),
+        "-shape",
+        "[" + ",".join(map(str, shape)) + "]",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    found = re.search(r"Throughput:\s+([\d.]+)\s+FPS", done.stdout)
+    if done.returncode != 0 or not found:
+        log.warning("benchmark_app failed on %s: %s", xml, (done.stderr or done.stdout)[-200:])
+        return None
+    return float(found.group(1))
+
+
+def inputs(test: datasets.Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real test images: one for latency, batch_size (repeating if needed) for throughput."""
+    index = torch.arange(batch_size) % len(test)
+    batch = datasets.to_model_input(test.images[index]).numpy()
+    return batch[:1].copy(), batch
+
+
+def measure(
+    models: dict[str, runtimes.Runtime], one: np.ndarray, batch: np.ndarray, cfg: Benchmark
+) -> dict[str, dict[str, float]]:
+    """Latency at batch 1 and throughput at batch N, runtimes taking turns."""
+    latencies: dict[str, list[float]] = {name: [] for name in models}
+    batch_times: dict[str, list[float]] = {name: [] for name in models}
+    for run in models.values():
+        for _ in range(cfg.warmup_iterations):
+            run(one)
+            run(batch)
+    share = cfg.seconds / ROUNDS
+    for _ in range(ROUNDS):
+        for name, run in models.items():
+            latencies[name] += timed_calls(lambda run=run: run(one), share)
+            batch_times[name] += timed_calls(lambda run=run: run(batch), share)
+    return {name: summarize(latencies[name], batch_times[name], len(batch)) for name in models}
+
+
+def main(params: Params) -> None:
+    """Measure every model file on the same inputs and threads; write benchmark.json."""
+    logs.setup("benchmark")
+    cfg = params.benchmark
+    threads = runtimes.cores(cfg.threads)
+    with tracking.Tracker(params.mlflow, "benchmark") as tracker:
+        tracker.attach(params)
+        one, batch = inputs(datasets.load_split("test"), cfg.batch_size)
+        models = {
+            "pytorch": runtimes.pytorch(paths.MODEL, threads),
+            "onnxruntime": runtimes.onnxruntime(paths.ONNX, threads),
+            "openvino_fp16": runtimes.openvino(paths.IR_FP16, threads),
+            "openvino_int8": runtimes.openvino(paths.IR_INT8, threads),
+        }
+        results = measure(models, one, batch, cfg)
+        for name, xml in (("openvino_fp16", paths.IR_FP16), ("openvino_int8", paths.IR_INT8)):
+            results[name]["throughput_async"] = openvino_async(xml, batch, threads, cfg.seconds)
+            if cfg.benchmark_app:
+                app = benchmark_app(xml, batch.shape, threads, cfg.seconds)
+                if app is not None:
+                    results[name]["benchmark_app_throughput"] = app
+        base = results["pytorch"]["throughput"]
+        for result in results.values():
+            result["speedup_vs_pytorch"] = result["throughput"] / base
+        metrics = {**results, "threads": threads, "batch_size": cfg.batch_size}
+        write_json(paths.BENCHMARK_METRICS, metrics)
+        write_csv(
+            paths.BENCHMARK_PLOT,
+            [
+                {"runtime": name, "throughput": r["throughput"], "latency_ms": r["latency_ms"]}
+                for name, r in results.items()
+            ],
+        )
+        plots.save_runtimes(results, paths.PLOTS / "benchmark" / "runtimes.png")
+        tracker.log_params(params.flat("benchmark"))
+        tracker.log_metrics(tracking.prefixed("benchmark", metrics))
+        tracker.log_artifacts(paths.PLOTS / "benchmark", "plots")
+    log.info("%-14s %12s %14s %9s", "runtime", "latency ms", "images/s", "speedup")
+    for name, r in results.items():
+        log.info(
+            "%-14s %12.3f %14.0f %8.2fx",
+            name,
+            r["latency_ms"],
+            r["throughput"],
+            r["speedup_vs_pytorch"],
+        )
+
+
+if __name__ == "__main__":
+    main(load_params())

@@ -1,0 +1,142 @@
+"""torch.distributed in one place: one code path for one process and many (torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stages.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the job: its rank, the world and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """auto: this process's GPU when CUDA is there, else the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise StageError("train.device: cuda was asked for but no CUDA device is available")
+    if local_rank >= torch.cuda.device_count():
+        raise StageError(
+            f"train.nproc_per_node: process {local_rank} has no GPU "
+            f"(this machine has {torch.cuda.device_count()})"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def local_processes(nproc_per_node: str | int) -> int:
+    """What `auto` means: every GPU here, or one process on a CPU-only machine."""
+    if nproc_per_node == "auto":
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+    return int(nproc_per_node)
+
+
+def setup(device_preference: str, threads: int) -> Context:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK once and join the process group."""
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cpu":
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(threads or max(cores // local_world_size, 1))
+    else:
+        torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _exit_with_launcher()
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(minutes=10),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return Context(rank, world_size, local_rank, local_world_size, device)
+
+
+def teardown() -> None:
+    """Leave the process group cleanly (a barrier first so no rank exits mid-collective)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _exit_with_launcher(poll_s: float = 0.5) -> None:
+    # torchrun starts workers in new sessions, so a SIGKILLed launcher (or `dvc repro`
+    # above it) sends them no signal: they would keep training and writing files. Watch
+    # for the reparenting that follows the launcher's death and leave at once.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print("error: the torchrun launcher died; stopping this worker", file=sys.stderr)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over every process (a no-op in a single process)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's Python object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(count: int, ctx: Context) -> range:
+    """This rank's share of `count` items, every item exactly once, nothing padded."""
+    return range(ctx.rank, count, ctx.world_size)

@@ -1,0 +1,42 @@
+"""Every file the pipeline reads or writes, relative to the repository root (DVC's cwd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+PREPARED = Path("data/prepared")
+META = PREPARED / "meta.json"
+SPLITS = ("train", "val", "test")
+
+
+def split_file(split: str) -> Path:
+    """The prepared tensor file of one split."""
+    return PREPARED / f"{split}.pt"
+
+
+MODELS = Path("models")
+MODEL = MODELS / "model.pt"
+CHECKPOINT = MODELS / "checkpoint.pt"
+RUN_ID = MODELS / "mlflow_run.json"
+ONNX = MODELS / "model.onnx"
+OPENVINO = MODELS / "openvino"
+IR_FP16 = OPENVINO / "model.xml"
+IR_FP32 = OPENVINO / "model_fp32.xml"
+IR_INT8 = OPENVINO / "model_int8.xml"
+
+METRICS = Path("metrics")
+TRAIN_METRICS = METRICS / "train.json"
+EVALUATE_METRICS = METRICS / "evaluate.json"
+EXPORT_METRICS = METRICS / "export.json"
+CONVERT_METRICS = METRICS / "convert.json"
+BENCHMARK_METRICS = METRICS / "benchmark.json"
+
+PLOTS = Path("plots")
+TRAIN_HISTORY = PLOTS / "train" / "history.csv"
+CONFUSION = PLOTS / "evaluate" / "confusion.csv"
+BENCHMARK_PLOT = PLOTS / "benchmark" / "runtimes.csv"
+
+# The default MLflow store, at the root of the user's repository.
+MLFLOW_DB = "mlflow.db"
