@@ -118,11 +118,28 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
 
     # -- opening ---------------------------------------------------------------------
+    def _experiment(self):
+        """The configured experiment, created on first use.
+
+        With the SQLite store its artifacts go to mlruns/ beside the db, never into the
+        temporary copy a queued experiment runs in.
+        """
+        mlflow = self._mlflow
+        name = self.cfg.experiment
+        if mlflow.get_experiment_by_name(name) is None:
+            location = None
+            if urlparse(self.uri).scheme == "sqlite":
+                db = Path(self.uri.removeprefix("sqlite:///"))
+                location = (db.parent / "mlruns").resolve().as_uri()
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # made meanwhile
+                mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.set_experiment(name)
+
     def start(self, tags: dict[str, str], system_metrics: bool = False) -> str:
         """Start a new run (the train stage) and return its id."""
         mlflow = self._mlflow
         with self._lock():
-            experiment = mlflow.set_experiment(self.cfg.experiment)
+            experiment = self._experiment()
             run = mlflow.start_run(
                 experiment_id=experiment.experiment_id,
                 run_name=os.environ.get("DVC_EXP_NAME") or None,
@@ -152,7 +169,7 @@ class Tracker:
             return origin
         mlflow = self._mlflow
         with self._lock():
-            experiment = mlflow.set_experiment(self.cfg.experiment)
+            experiment = self._experiment()
             found = mlflow.search_runs(
                 [experiment.experiment_id],
                 filter_string=f"tags.`{ORIGIN_TAG}` = '{origin}'",

@@ -1,0 +1,136 @@
+"""Shared fixtures: a tmp copy of the repository with shrunk params, and a trained pipeline.
+
+The shrunk params keep every stage real (real digits, real training, ONNX Runtime,
+OpenVINO, NNCF, MLflow on SQLite) but small: one epoch, a short benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+# What a clone holds that the pipeline needs (outputs, caches and the venv stay behind).
+REPO_FILES = ("stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+              ".dvc/.gitignore", ".dvcignore", ".gitignore", "data/raw/.gitignore")
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+# Small but real: one epoch on the bundled digits, short measurements.
+SHRINK: dict[str, dict[str, Any]] = {
+    "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+    "openvino": {"calibration_size": 50},
+    "benchmark": {"seconds": 0.2, "warmup_iterations": 1, "batch_size": 8,
+                  "benchmark_app": False},
+}
+
+
+def read_params(repo: Path) -> dict[str, Any]:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
+def write_params(repo: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """Update sections of repo/params.yaml (merged key by key) and return the whole."""
+    params = read_params(repo)
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            params[name].update(values)
+        else:
+            params[name] = values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}, check=True)
+    return done.stdout
+
+
+def make_repo(dest: Path, commit: bool = True) -> Path:
+    """A fresh git repository holding the project's files and shrunk params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in REPO_FILES:
+        source = ROOT / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    write_params(dest, **SHRINK)
+    if commit:
+        git(dest, "init", "-q", "-b", "main")
+        git(dest, "add", "-A")
+        git(dest, "commit", "-q", "-m", "pipeline")
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never write into a user's store or inherit a DVC run's variables."""
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "RANK", "WORLD_SIZE",
+                 "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in GIT_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tmp git copy of the project with shrunk params; the test runs inside it."""
+    path = make_repo(tmp_path / "repo")
+    monkeypatch.chdir(path)
+    return path
+
+
+def run_module(repo: Path, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m ...` (or any argv after the interpreter) inside the repo, captured."""
+    return subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+
+
+def run_dvc(repo: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """The dvc CLI of this environment inside the repo (stages see this venv's python)."""
+    bindir = str(Path(sys.executable).parent)
+    full_env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+                **(env or {})}
+    return subprocess.run([str(Path(bindir) / "dvc"), *args], cwd=repo, capture_output=True,
+                          text=True, env=full_env, timeout=timeout, check=False)
+
+
+STAGES = ("prepare", "train", "evaluate", "export", "convert", "benchmark")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tmp repo where every stage ran once (in subprocesses, as DVC runs them).
+
+    Tests that need a model copy it with `clone_trained` instead of training again.
+    """
+    path = make_repo(tmp_path_factory.mktemp("trained") / "repo")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    for stage in STAGES:
+        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=path, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, f"{stage} failed:\n{done.stderr[-3000:]}"
+    return path
+
+
+@pytest.fixture
+def trained_repo(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private copy of the trained repo (outputs and MLflow db included); cwd inside it."""
+    dest = tmp_path / "trained"
+    shutil.copytree(trained, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    yield dest
