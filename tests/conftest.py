@@ -19,17 +19,29 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clone holds that the pipeline needs (outputs, caches and the venv stay behind).
-REPO_FILES = ("stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-              ".dvc/.gitignore", ".dvcignore", ".gitignore", "data/raw/.gitignore")
-GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+REPO_FILES = (
+    "stages",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/.gitignore",
+)
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
 
 # Small but real: one epoch on the bundled digits, short measurements.
 SHRINK: dict[str, dict[str, Any]] = {
     "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64},
     "openvino": {"calibration_size": 50},
-    "benchmark": {"seconds": 0.2, "warmup_iterations": 1, "batch_size": 8,
-                  "benchmark_app": False},
+    "benchmark": {"seconds": 0.2, "warmup_iterations": 1, "batch_size": 8, "benchmark_app": False},
 }
 
 
@@ -50,8 +62,14 @@ def write_params(repo: Path, **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}, check=True)
+    done = subprocess.run(
+        ["git", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **GIT_ENV},
+        check=True,
+    )
     return done.stdout
 
 
@@ -77,8 +95,16 @@ def make_repo(dest: Path, commit: bool = True) -> Path:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never write into a user's store or inherit a DVC run's variables."""
-    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "RANK", "WORLD_SIZE",
-                 "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "DVC_ROOT",
+        "DVC_EXP_NAME",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in GIT_ENV.items():
         monkeypatch.setenv(name, value)
@@ -92,21 +118,40 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def run_module(repo: Path, *args: str, env: dict[str, str] | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_module(
+    repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """`python -m ...` (or any argv after the interpreter) inside the repo, captured."""
-    return subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
 
 
-def run_dvc(repo: Path, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 900) -> subprocess.CompletedProcess:
+def run_dvc(
+    repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """The dvc CLI of this environment inside the repo (stages see this venv's python)."""
     bindir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-                **(env or {})}
-    return subprocess.run([str(Path(bindir) / "dvc"), *args], cwd=repo, capture_output=True,
-                          text=True, env=full_env, timeout=timeout, check=False)
+    full_env = {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [str(Path(bindir) / "dvc"), *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 STAGES = ("prepare", "train", "evaluate", "export", "convert", "benchmark")
@@ -121,8 +166,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_repo(tmp_path_factory.mktemp("trained") / "repo")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     for stage in STAGES:
-        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=path, env=env,
-                              capture_output=True, text=True, timeout=600, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert done.returncode == 0, f"{stage} failed:\n{done.stderr[-3000:]}"
     return path
 
