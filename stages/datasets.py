@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from stages import paths
 from stages.errors import StageError
@@ -45,19 +45,38 @@ class Source:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def resize(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """uint8 N x C x H x W to `size` x `size` with `channels`, antialiased, still uint8."""
-    if images.shape[1] != channels:
-        if channels == 3:
-            images = images.expand(-1, 3, -1, -1)
-        else:
-            # ITU-R 601 luma, the weights PIL's convert("L") uses.
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
+# Pixel values converted per step by resize/channel_stats: float or int64 copies of a chunk
+# (~8 MB), never of the whole split, so 60,000 MNIST images stay far below a gigabyte.
+CHUNK_VALUES = 1 << 20
+
+
+def _chunk(images: torch.Tensor, *shapes: tuple[int, ...]) -> int:
+    per_image = max(math.prod(shape) for shape in (tuple(images.shape[1:]), *shapes))
+    return max(1, CHUNK_VALUES // max(per_image, 1))
+
+
+def _resize_chunk(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    if images.shape[1] == 3 and channels == 1:
+        # ITU-R 601 luma, the weights PIL's convert("L") uses.
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
     if images.shape[-2:] != (size, size):
         out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
         images = out.round().clamp_(0, 255).to(torch.uint8)
-    return images.contiguous()
+    # Grey to RGB after resizing: three equal channels, a third of the interpolation work.
+    return images.expand(-1, channels, -1, -1)
+
+
+def resize(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 N x C x H x W to `size` x `size` with `channels`, antialiased, still uint8."""
+    if images.shape[1] == channels and images.shape[-2:] == (size, size):
+        return images.contiguous()
+    # Each image is interpolated on its own, so chunking gives the same bytes as one call.
+    out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
+    step = _chunk(images, (3, *images.shape[2:]), (3, size, size))
+    for start in range(0, len(images), step):
+        out[start : start + step] = _resize_chunk(images[start : start + step], size, channels)
+    return out
 
 
 def content_digest(*arrays: np.ndarray | bytes) -> str:
@@ -68,15 +87,56 @@ def content_digest(*arrays: np.ndarray | bytes) -> str:
     return h.hexdigest()
 
 
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng) -> np.ndarray:
+    # sklearn.utils.extmath._approximate_mode (BSD-3-Clause) redone draw for draw:
+    # images per class for n_draws, the remainders handed out largest first.
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add = min(len(tied), need)
+            floored[rng.choice(tied, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(
+    split: Split, fraction: float, seed: int, key: str = "fraction"
+) -> tuple[Split, Split]:
     """Split off `fraction` of the images, the same share of every class, seeded."""
     labels = split.labels.numpy()
     if fraction <= 0:
         return split, split.subset(np.array([], dtype=np.int64))
-    index = np.arange(len(labels))
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    if len(labels) < 2:
+        raise StageError(f"{key}: {len(labels)} image(s) are too few to hold out {fraction}")
+    # The same draws as scikit-learn's train_test_split(test_size=fraction,
+    # random_state=seed, stratify=labels), whose results tests compare against: importing
+    # scikit-learn would cost the stage ~175 MB of memory for this one function.
+    rng = np.random.RandomState(seed)
+    n_held = math.ceil(fraction * len(labels))
+    n_keep = len(labels) - n_held
+    classes, inverse, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    # A stratified split needs every class on both sides, which a tiny image folder
+    # cannot give: split those at random instead.
+    if class_counts.min() < 2 or min(n_held, n_keep) < len(classes):
+        log.warning("%s: too few images per class to stratify, splitting at random", key)
+        order = rng.permutation(len(labels))
+        held, keep = order[:n_held], order[n_held:]
+    else:
+        by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(class_counts)[:-1])
+        keep_per_class = _approximate_mode(class_counts, n_keep, rng)
+        held_per_class = _approximate_mode(class_counts - keep_per_class, n_held, rng)
+        keeps, helds = [], []
+        for members, n_k, n_h in zip(by_class, keep_per_class, held_per_class, strict=True):
+            shuffled = members.take(rng.permutation(len(members)), mode="clip")
+            keeps.append(shuffled[:n_k])
+            helds.append(shuffled[n_k : n_k + n_h])
+        keep, held = np.concatenate(keeps), np.concatenate(helds)
     return split.subset(np.sort(keep)), split.subset(np.sort(held))
 
 
@@ -85,17 +145,31 @@ def make_splits(source: Source, cfg: Data, seed: int) -> dict[str, Split]:
     train = source.splits["train"]
     test = source.splits.get("test")
     if test is None:
-        train, test = stratified_split(train, cfg.test_fraction, seed)
-    train, val = stratified_split(train, cfg.val_fraction, seed)
+        train, test = stratified_split(train, cfg.test_fraction, seed, "data.test_fraction")
+    train, val = stratified_split(train, cfg.val_fraction, seed, "data.val_fraction")
     return {"train": train, "val": val, "test": test}
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images on the 0..1 scale the model sees."""
-    x = images.double().div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+    # Exact integer sums over chunks: no float copy of the whole split, and no rounding
+    # that depends on the chunk size.
+    total = torch.zeros(images.shape[1], dtype=torch.int64)
+    squares = torch.zeros(images.shape[1], dtype=torch.int64)
+    step = _chunk(images)
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step].to(torch.int64)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += (chunk * chunk).sum(dim=(0, 2, 3))
+    n = images.numel() // max(images.shape[1], 1)
+    mean = [t / n / 255.0 for t in total.tolist()]
+    # Unbiased, as torch.std: (sum x^2 - (sum x)^2 / n) / (n - 1), in exact integers.
+    var = [
+        (q * n - t * t) / (n * max(n - 1, 1)) / 255.0**2
+        for t, q in zip(total.tolist(), squares.tolist(), strict=True)
+    ]
+    std = [max(math.sqrt(max(v, 0.0)), 1e-6) for v in var]
+    return [round(m, 6) for m in mean], [round(s, 6) for s in std]
 
 
 def save_split(split: Split, file) -> None:

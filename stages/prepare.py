@@ -13,10 +13,12 @@ def main(params: Params) -> None:
     cfg = params.data
     source = sources.read(cfg)
     splits = datasets.make_splits(source, cfg, params.seed)
-    splits = {
-        k: datasets.Split(datasets.resize(s.images, cfg.image_size, cfg.channels), s.labels)
-        for k, s in splits.items()
-    }
+    # The splits hold their own copies: drop the unsplit ones (47 MB for MNIST's train).
+    source.splits.clear()
+    # One split at a time, so only one split exists in both sizes at once.
+    for name, split in splits.items():
+        images = datasets.resize(split.images, cfg.image_size, cfg.channels)
+        splits[name] = datasets.Split(images, split.labels)
     mean, std = datasets.channel_stats(splits["train"].images)
     meta = {
         "source": cfg.source,
