@@ -148,7 +148,14 @@ def main(params: Params) -> None:
         base = results["pytorch"]["throughput"]
         for result in results.values():
             result["speedup_vs_pytorch"] = result["throughput"] / base
-        metrics = {**results, "threads": threads, "batch_size": cfg.batch_size}
+        metrics = {
+            **results,
+            "threads": threads,
+            "batch_size": cfg.batch_size,
+            # What OpenVINO computed in, whatever the IR stores: bf16 on CPUs with
+            # AVX512_BF16 or AMX, f32 elsewhere (ONNX Runtime and PyTorch run f32).
+            "openvino_precision": runtimes.openvino_precision(paths.IR_FP16),
+        }
         write_json(paths.BENCHMARK_METRICS, metrics)
         write_csv(
             paths.BENCHMARK_PLOT,

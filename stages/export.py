@@ -16,14 +16,35 @@ from stages.outputs import atomic_file, write_json
 from stages.params import Export, Params, load_params
 
 log = logging.getLogger("stages.export")
+NAMES = {"input_names": ["images"], "output_names": ["logits"]}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _legacy(model: torch.nn.Module, example: torch.Tensor, file: Path, cfg: Export) -> None:
+    torch.onnx.export(
+        model,
+        (example,),
+        str(file),
+        dynamo=False,
+        opset_version=cfg.opset,
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        **NAMES,
+    )
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor, file: Path, cfg: Export) -> str:
     """Export with torch.export (dynamo); the legacy exporter only when asked or needed."""
-    names = {"input_names": ["images"], "output_names": ["logits"]}
-    if not cfg.legacy:
+    if cfg.legacy:
+        log.info("export.legacy is true: using the TorchScript exporter")
+    else:
         try:
             with warnings.catch_warnings():
+                # torch.export's notes on internals are not the user's business; failures
+                # still raise and are reported below.
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     model,
@@ -34,26 +55,40 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, file: Path, cfg: Expo
                     dynamic_shapes=({0: torch.export.Dim("batch")},),
                     external_data=False,
                     verbose=False,
-                    **names,
+                    **NAMES,
                 )
             return "dynamo"
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             log.warning(
                 "torch.export could not export the model (%s); falling back to the "
                 "legacy TorchScript exporter",
-                reason,
+                _first_line(exc),
             )
-    torch.onnx.export(
-        model,
-        (example,),
-        str(file),
-        dynamo=False,
-        opset_version=cfg.opset,
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        **names,
-    )
+    try:
+        _legacy(model, example, file, cfg)
+    except Exception as exc:
+        raise StageError(
+            f"export: the model cannot be exported to ONNX ({_first_line(exc)})"
+        ) from None
     return "torchscript"
+
+
+def check_graph(file: Path) -> None:
+    """onnx.checker's full check (with shape inference) and a symbolic batch axis."""
+    try:
+        onnx.checker.check_model(str(file), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise StageError(f"export: the ONNX graph is invalid ({_first_line(exc)})") from None
+    graph = onnx.load(str(file), load_external_data=False).graph
+    for value in (*graph.input, *graph.output):
+        first = value.type.tensor_type.shape.dim[0]
+        # A fixed batch would make the model reject every other batch size in ONNX
+        # Runtime, OpenVINO and predict.
+        if not first.dim_param:
+            raise StageError(
+                f"export: ONNX {value.name!r} has a fixed batch size {first.dim_value}, "
+                "expected a dynamic batch axis"
+            )
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -79,6 +114,17 @@ def check_gates(result: dict[str, float], cfg: Export) -> None:
         )
 
 
+def verify(file: Path, reference: np.ndarray, images: torch.Tensor, cfg: Export) -> dict:
+    """Check an ONNX file and gate it on parity with PyTorch's logits for `images`."""
+    check_graph(file)
+    # runtimes.logits feeds batches of 256 and the remainder: two batch sizes, so the
+    # dynamic axis is exercised, not only declared.
+    result = parity(reference, runtimes.logits(runtimes.onnxruntime(file), images))
+    result["count"] = len(images)
+    check_gates(result, cfg)
+    return result
+
+
 def main(params: Params) -> None:
     """Export models/model.pt to models/model.onnx and gate it on parity with PyTorch."""
     logs.setup("export")
@@ -89,13 +135,10 @@ def main(params: Params) -> None:
         test = datasets.load_split("test")
         reference = runtimes.logits(runtimes.pytorch(paths.MODEL), test.images)
         # Exported to a temporary file and moved into place only when every check passed:
-        # a failed gate leaves no model for convert to pick up.
+        # a failed gate leaves the previous model (or none) for convert to pick up.
         with atomic_file(paths.ONNX) as tmp:
             exporter = to_onnx(model, models.example_input(config, 2), tmp, cfg)
-            onnx.checker.check_model(str(tmp), full_check=True)
-            result = parity(reference, runtimes.logits(runtimes.onnxruntime(tmp), test.images))
-            result["count"] = len(test)
-            check_gates(result, cfg)
+            result = verify(tmp, reference, test.images, cfg)
         metrics = {
             **result,
             "opset": cfg.opset,

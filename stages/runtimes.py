@@ -19,13 +19,24 @@ from stages.errors import StageError
 Runtime = Callable[[np.ndarray], np.ndarray]
 
 
-def cores(threads: int) -> int:
-    """0 means every core of this machine."""
-    return threads or os.cpu_count() or 1
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def cores(threads: int = 0) -> int:
+    """`threads`, or for 0 the cores this process may run on (its CPU affinity)."""
+    if threads:
+        return threads
+    # os.cpu_count() counts the whole machine; in a container or under taskset the
+    # affinity mask is what we really get, and more threads than that only contend.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def pytorch(file: Path, threads: int = 0) -> Runtime:
-    """The saved PyTorch model in eval mode, on the CPU, under no_grad."""
+    """The saved PyTorch model in eval mode, on the CPU, under inference_mode."""
     torch.set_num_threads(cores(threads))
     model, _ = models.load(file)
 
@@ -46,7 +57,10 @@ def onnxruntime(file: Path, threads: int = 0) -> Runtime:
     options.intra_op_num_threads = cores(threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for every bad file
+        raise StageError(f"{file}: not a usable ONNX model ({_first_line(exc)})") from None
     name = session.get_inputs()[0].name
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -56,14 +70,21 @@ def onnxruntime(file: Path, threads: int = 0) -> Runtime:
 
 
 def openvino_model(file: Path, threads: int = 0, hint: str = "LATENCY"):
-    """An OpenVINO IR compiled for the CPU with a thread count and a performance hint."""
+    """An OpenVINO IR compiled for the CPU with a thread count and a performance hint.
+
+    The inference precision is left at OpenVINO's default (bf16 on CPUs with AVX512_BF16
+    or AMX, f32 elsewhere): what a deployment gets, so convert's accuracy and benchmark's
+    speed describe the same thing.
+    """
     import openvino as ov
 
     if not Path(file).exists():
         raise StageError(f"{file}: not found (run the convert stage first)")
-    core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": cores(threads), "PERFORMANCE_HINT": hint}
-    return core.compile_model(str(file), "CPU", config)
+    try:
+        return ov.Core().compile_model(str(file), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+        raise StageError(f"{file}: not a usable OpenVINO IR ({_first_line(exc)})") from None
 
 
 def openvino(file: Path, threads: int = 0, hint: str = "LATENCY") -> Runtime:
@@ -78,13 +99,27 @@ def openvino(file: Path, threads: int = 0, hint: str = "LATENCY") -> Runtime:
     return run
 
 
-def load(kind: str, file: Path, threads: int = 0) -> Runtime:
-    """A runtime by the model file's kind: .pt, .onnx or .xml."""
-    loaders = {".pt": pytorch, ".onnx": onnxruntime, ".xml": openvino}
-    try:
-        return loaders[kind](file, threads)
-    except KeyError:
-        raise StageError(f"{file}: unknown model type '{kind}' (use .pt, .onnx or .xml)") from None
+def openvino_precision(file: Path) -> str:
+    """The precision OpenVINO's CPU plugin computes in by default (f32 or bf16)."""
+    return openvino_model(file, 1).get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+LOADERS: dict[str, Callable[[Path, int], Runtime]] = {
+    ".pt": pytorch,
+    ".onnx": onnxruntime,
+    ".xml": openvino,
+}
+
+
+def load(file: Path, threads: int = 0) -> Runtime:
+    """A runtime chosen by the model file's suffix: .pt, .onnx or .xml (OpenVINO IR)."""
+    file = Path(file)
+    loader = LOADERS.get(file.suffix.lower())
+    if loader is None:
+        raise StageError(
+            f"{file}: unknown model type '{file.suffix}' (use a .pt, .onnx or OpenVINO .xml file)"
+        )
+    return loader(file, threads)
 
 
 def logits(run: Runtime, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:

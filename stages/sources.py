@@ -334,7 +334,8 @@ OS_FILES = {"thumbs.db", "desktop.ini"}
 PAPER = (255, 255, 255)
 
 
-def _visible(name: str) -> bool:
+def visible(name: str) -> bool:
+    """False for hidden files and folders and the OS's own (Thumbs.db, desktop.ini)."""
     return not name.startswith(".") and name.lower() not in OS_FILES
 
 
@@ -347,7 +348,7 @@ def _class_folders(root: Path, kind: str) -> list[Path]:
         )
     folders = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if not _visible(entry.name):
+        if not visible(entry.name):
             continue
         if entry.is_dir():
             folders.append(entry)
@@ -366,8 +367,8 @@ def _class_files(folder: Path) -> list[Path]:
     """Every visible file under a class folder (nested folders too), sorted by path."""
     files = []
     for top, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if _visible(d)]
-        files += [Path(top, n) for n in names if _visible(n)]
+        dirs[:] = [d for d in dirs if visible(d)]
+        files += [Path(top, n) for n in names if visible(n)]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
@@ -438,7 +439,8 @@ def _to_tensor(image, cfg: Data) -> torch.Tensor:
     return resize(tensor, cfg.image_size, cfg.channels)[0]
 
 
-def _decode_image(data: bytes, cfg: Data) -> torch.Tensor:
+def decode_image(data: bytes, cfg: Data) -> torch.Tensor:
+    """Image file bytes as uint8 C x H x W in cfg's channels and size (training and predict)."""
     from PIL import Image, ImageOps
 
     try:
@@ -448,7 +450,9 @@ def _decode_image(data: bytes, cfg: Data) -> torch.Tensor:
             upright.load()
             return _to_tensor(upright, cfg)
     except Exception as exc:  # decoders raise many kinds on a broken or foreign file
-        raise BadFile(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>): noise to a user.
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise BadFile(f"not a readable image ({type(exc).__name__}: {reason})") from None
 
 
 def _fill(
@@ -485,7 +489,7 @@ def read_image_folder(cfg: Data) -> Source:
                     if path.suffix.lower() not in IMAGE_SUFFIXES:
                         raise BadFile(f"not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
                     data = _read_bytes(path)
-                    image = _decode_image(data, cfg)
+                    image = decode_image(data, cfg)
                     _hash_file(hasher, listing, path, data)
                 except BadFile as exc:
                     _bad(cfg, path, str(exc))
