@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,9 @@ import torch.distributed as dist
 from stages.errors import StageError
 
 log = logging.getLogger(__name__)
+
+# stages.launch exports its pid so that workers know which process to outlive no longer.
+LAUNCHER_PID_ENV = "STAGES_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ def local_processes(nproc_per_node: str | int) -> int:
     return int(nproc_per_node)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def setup(device_preference: str, threads: int) -> Context:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK once and join the process group."""
     rank = _env_int("RANK", 0)
@@ -72,8 +84,7 @@ def setup(device_preference: str, threads: int) -> Context:
     local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
     device = pick_device(device_preference, local_rank)
     if device.type == "cpu":
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(threads or max(cores // local_world_size, 1))
+        torch.set_num_threads(threads or max(cpu_cores() // local_world_size, 1))
     else:
         torch.cuda.set_device(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -95,20 +106,49 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _exit_with_launcher(poll_s: float = 0.5) -> None:
     # torchrun starts workers in new sessions, so a SIGKILLed launcher (or `dvc repro`
     # above it) sends them no signal: they would keep training and writing files. Watch
     # for the reparenting that follows the launcher's death and leave at once.
     parent = os.getppid()
+    # stages.launch names itself, so a launcher that died before this point (the worker
+    # is already reparented) is caught too.
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher and int(launcher) != parent and not _pid_alive(int(launcher)):
+        _launcher_died()
+    watch_parent(_launcher_died, poll_s, parent)
+
+
+def _launcher_died() -> None:
+    # Printed, not logged: ranks other than 0 filter their log records.
+    print("error: the torchrun launcher died; stopping this worker", file=sys.stderr, flush=True)
+    # os._exit: no atexit handlers or joins that could block on a dead peer; outputs are
+    # written atomically, so nothing is left half-written.
+    os._exit(1)
+
+
+def watch_parent(
+    on_death: Callable[[], None], poll_s: float = 0.5, parent: int | None = None
+) -> None:
+    """Call `on_death` (from a daemon thread) once this process's parent has died."""
+    parent = os.getppid() if parent is None else parent
 
     def watch() -> None:
-        while True:
+        while os.getppid() == parent:
             time.sleep(poll_s)
-            if os.getppid() != parent:
-                print("error: the torchrun launcher died; stopping this worker", file=sys.stderr)
-                os._exit(1)
+        on_death()
 
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -135,6 +175,14 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (batch-norm statistics) into every rank's module."""
+    if not dist.is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
 
 
 def shard(count: int, ctx: Context) -> range:

@@ -1,34 +1,43 @@
 """torchrun for the train stage, with params checked first and `auto` meaning GPUs-or-1.
 
 `python -m stages.launch [torchrun options] -m stages.train` is torchrun itself (the
-same options, the same rendezvous), with three differences: params.yaml is validated
+same options, the same rendezvous), with four differences: params.yaml is validated
 before any worker starts, `--nproc-per-node=auto` means every GPU here or a single process
-on a CPU-only machine (torchrun's own `auto` starts one process per CPU core), and a failed
-worker ends the launcher with one line instead of torchrun's traceback.
+on a CPU-only machine (torchrun's own `auto` starts one process per CPU core), the workers
+stop when the launcher's parent (`dvc repro`) is killed, and a failed worker ends the
+launcher with one line instead of torchrun's traceback.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from stages import dist, logs
 from stages.errors import StageError
 from stages.params import load_params
 
+NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
+
 
 def resolve(argv: list[str]) -> list[str]:
-    """torchrun's arguments with `--nproc-per-node=auto` replaced by a process count."""
-    out = []
+    """torchrun's arguments with `--nproc-per-node auto` replaced by a process count."""
+    out: list[str] = []
     for arg in argv:
-        if arg.startswith("--nproc-per-node=") or arg.startswith("--nproc_per_node="):
-            flag, value = arg.split("=", 1)
+        flag, eq, value = arg.partition("=")
+        # torchrun's other values (a number, gpu, cpu) pass through untouched.
+        if eq and flag in NPROC_FLAGS and value == "auto":
             arg = f"{flag}={dist.local_processes(value)}"
+        elif out and out[-1] in NPROC_FLAGS and arg == "auto":
+            arg = str(dist.local_processes(arg))
         out.append(arg)
     return out
 
 
 def main(argv: list[str]) -> None:
     """Validate params, then hand over to torchrun's own entry point."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -36,13 +45,31 @@ def main(argv: list[str]) -> None:
     log = logs.setup("launch")
     args = get_args_parser().parse_args(resolve(argv))
     log.info("torchrun: %s process(es) per node, %s node(s)", args.nproc_per_node, args.nnodes)
+    os.environ[dist.LAUNCHER_PID_ENV] = str(os.getpid())
+    if str(args.nproc_per_node).isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 (with a warning); the workers set their own thread count
+        # (train.threads), this only keeps OpenMP libraries from starting more.
+        share = max(dist.cpu_cores() // int(args.nproc_per_node), 1)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+    def parent_died() -> None:
+        # `dvc repro` was killed without a chance to signal us: stop the workers the way
+        # torchrun does on SIGTERM (its handler terminates them, then the agent exits).
+        log.error("the parent process died; stopping the workers")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    dist.watch_parent(parent_died)
     try:
         run(args)
     except ChildFailedError as exc:
+        # failures maps each failed worker's global rank to its ProcessFailure
         failures = ", ".join(
-            f"rank {f.global_rank} exit code {f.exitcode}" for f in exc.failures.values()
+            f"rank {rank} exit code {failure.exitcode}"
+            for rank, failure in sorted(exc.failures.items())
         )
-        raise StageError(f"train: a worker failed ({failures}); its error is shown above") from None
+        raise StageError(f"train: worker(s) failed ({failures}); see the error above") from None
+    except SignalException as exc:
+        raise StageError(f"train: stopped by {exc.sigval.name}; the workers were ended") from None
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,14 @@ from stages import datasets, dist, logs, models, paths, plots, tracking
 from stages.errors import StageError
 from stages.outputs import save_torch, write_csv, write_json
 from stages.params import Params, Train, load_params
+
+# Settings that change how fast training runs or how it is launched, not what it computes:
+# a checkpoint written under other values of these still resumes.
+NOT_IN_CHECKPOINT_KEY = ("train.threads", "train.resume", "train.nproc_per_node")
+# The code that defines the training math: a checkpoint written by other code is stale.
+CHECKPOINT_CODE = ("train.py", "models.py", "dist.py", "datasets.py")
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -63,6 +75,13 @@ def amp_dtype(cfg: Train, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
 
 
+def autocast_for(device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
+    """A factory of autocast contexts (a no-op one when AMP is off)."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
     """The optimizer named in params."""
     if cfg.optimizer == "sgd":
@@ -91,6 +110,15 @@ def lr_factor(step: int, cfg: Train, steps_per_epoch: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Train, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up plus the schedule in params, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch)
+    )
+
+
 def shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Random translations of up to max_shift pixels, per image, as one batched gather."""
     n, c, h, w = images.shape
@@ -104,11 +132,61 @@ def shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     return padded[batch, chan, rows, cols]
 
 
-def train_epoch(model, data: Batches, order: list[int], step_fn, cfg: Train, bar) -> torch.Tensor:
+def wrap(raw_model: nn.Module, ctx: dist.Context, compile: bool) -> nn.Module:
+    """The module the training steps call: DDP around it when distributed, compiled if asked."""
+    model = raw_model
+    if ctx.distributed:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw_model.modules())
+        model = DistributedDataParallel(
+            raw_model,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            # Only batch-norm statistics need rank 0's copy before each forward.
+            broadcast_buffers=has_bn,
+        )
+    return torch.compile(model) if compile else model
+
+
+def make_step(
+    model: nn.Module,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: Train,
+    autocast: Callable[[], Any],
+) -> StepFn:
+    """One optimizer step on a float batch; returns the (undetached) loss and the logits."""
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            # DDP has already averaged the gradients, so every rank clips the same norm.
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return loss, logits
+
+    return step
+
+
+def train_epoch(
+    model: nn.Module, data: Batches, order: list[int], step_fn: StepFn, cfg: Train, bar: tqdm
+) -> torch.Tensor:
     """One pass over this rank's share; returns [loss sum, correct, count] as a tensor."""
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=data.labels.device)
-    index = torch.as_tensor(order, device=data.labels.device)
+    device = data.labels.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    index = torch.as_tensor(order, device=device)
+    # Reading the loss forces a device sync: do it only as often as the bar redraws.
+    shown = time.monotonic()
     for start in range(0, len(index), cfg.batch_size):
         batch = index[start : start + cfg.batch_size]
         images = data.images[batch]
@@ -116,15 +194,21 @@ def train_epoch(model, data: Batches, order: list[int], step_fn, cfg: Train, bar
             images = shift(images, cfg.augment_shift)
         labels = data.labels[batch]
         loss, logits = step_fn(datasets.to_model_input(images), labels)
+        # Summed on the device, no .item() per step: a GPU never waits for the host.
         totals[0] += loss.detach().double() * len(batch)
         totals[1] += (logits.argmax(1) == labels).sum()
         totals[2] += len(batch)
+        if not bar.disable and time.monotonic() - shown >= bar.mininterval:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            shown = time.monotonic()
         bar.update(len(batch))
     return totals
 
 
 @torch.no_grad()
-def evaluate(model, data: Batches, ctx: dist.Context, batch_size: int, autocast) -> tuple:
+def evaluate(
+    model: nn.Module, data: Batches, ctx: dist.Context, batch_size: int, autocast
+) -> tuple[float, float, int]:
     """Loss and accuracy over every sample exactly once, split across ranks, no padding."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=data.labels.device)
@@ -154,6 +238,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() saved."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -161,13 +246,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_key(params: Params, meta: dict[str, Any], world_size: int) -> str:
-    """What a checkpoint must match to be resumed: training params, data, world size."""
-    return params.digest("seed", "model", "train") + f"-{meta['digest'][:16]}-w{world_size}"
+def checkpoint_key(params: Params, meta: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: training params, code, data, world size."""
+    flat = params.flat("seed", "model", "train")
+    for name in NOT_IN_CHECKPOINT_KEY:
+        flat.pop(name)
+    code = hashlib.sha256()
+    for name in CHECKPOINT_CODE:
+        code.update((Path(__file__).parent / name).read_bytes())
+    return {
+        "params": hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16],
+        "code": code.hexdigest()[:16],
+        "data": meta["digest"],
+        "world_size": world_size,
+    }
 
 
-def load_checkpoint(key: str, log) -> dict[str, Any] | None:
-    """The checkpoint in models/ if it was written by these same params, else None."""
+def stale_reason(found: Any, key: dict[str, Any]) -> str | None:
+    """Why a checkpoint's key does not match this run (None when it does)."""
+    if not isinstance(found, dict) or set(found) != set(key):
+        return "an older version of the train stage"
+    if found["params"] != key["params"]:
+        return "other seed/model/train params"
+    if found["code"] != key["code"]:
+        return "other training code (stages/ changed)"
+    if found["data"] != key["data"]:
+        return "other prepared data"
+    if found["world_size"] != key["world_size"]:
+        return f"{found['world_size']} process(es) (this run has {key['world_size']})"
+    return None
+
+
+def load_checkpoint(key: dict[str, Any], log) -> dict[str, Any] | None:
+    """The checkpoint in models/ if it was written by this same training, else None."""
     if not paths.CHECKPOINT.exists():
         return None
     try:
@@ -175,10 +286,12 @@ def load_checkpoint(key: str, log) -> dict[str, Any] | None:
     except Exception as exc:
         log.warning("%s: unreadable (%s); training from scratch", paths.CHECKPOINT, exc)
         return None
-    if ckpt.get("key") != key:
+    reason = stale_reason(ckpt.get("key"), key)
+    if reason is not None:
         log.info(
-            "%s was written with other params or data; ignoring it and training from scratch",
+            "%s was written with %s; ignoring it and training from scratch",
             paths.CHECKPOINT,
+            reason,
         )
         return None
     return ckpt
@@ -195,12 +308,15 @@ def main(params: Params) -> None:
     train_data = Batches.on(datasets.load_split("train"), ctx.device)
     val_data = Batches.on(datasets.load_split("val"), ctx.device)
     dtype = amp_dtype(cfg, ctx.device)
-    tracker = tracking.Tracker(params.mlflow, "train") if ctx.is_main else None
+    autocast = autocast_for(ctx.device, dtype)
+    tracker = tracking.BackgroundTracker(params.mlflow, "train") if ctx.is_main else None
 
     raw_model = models.build(config).to(ctx.device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(raw_model, cfg)
+    # Pads this rank's share up to the same length on every rank (at most world_size - 1
+    # repeats): DDP needs every rank to take the same number of steps.
     sampler = DistributedSampler(
         range(len(train_data)),
         num_replicas=ctx.world_size,
@@ -209,13 +325,15 @@ def main(params: Params) -> None:
         seed=params.seed,
     )
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch)
-    )
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
 
     key = checkpoint_key(params, meta, ctx.world_size)
-    ckpt = load_checkpoint(key, log) if cfg.resume else None
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(key, log)
+    elif paths.CHECKPOINT.exists():
+        log.info("train.resume is false: ignoring %s, training from scratch", paths.CHECKPOINT)
     history: list[dict[str, float]] = []
     start_epoch, run_id = 1, None
     if ckpt is not None:
@@ -228,47 +346,18 @@ def main(params: Params) -> None:
         start_epoch = ckpt["epoch"] + 1
         log.info("resuming from epoch %d of %d (%s)", ckpt["epoch"], cfg.epochs, paths.CHECKPOINT)
 
-    model: nn.Module = raw_model
-    if ctx.distributed:
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw_model.modules())
-        model = DistributedDataParallel(
-            raw_model,
-            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            broadcast_buffers=has_bn,
-        )
-    if cfg.compile:
-        model = torch.compile(model)
-
-    def autocast():
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(ctx.device.type, dtype=dtype)
-
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        return loss, logits
+    model = wrap(raw_model, ctx, cfg.compile)
+    step = make_step(model, raw_model, optimizer, scheduler, scaler, cfg, autocast)
 
     with tracking.maybe(tracker):
         if tracker is not None:
-            open_run(tracker, run_id, params, meta, ctx, cfg, history)
-        train_seconds = sum(row["seconds"] for row in history)
+            open_run(tracker, run_id, params, meta, ctx, history)
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)
             order = list(sampler)
+            # Each rank counts its own images; unit_scale shows the global count and rate.
             bar = tqdm(
-                total=len(order) * ctx.world_size,
+                total=len(order),
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 unit="img",
                 disable=not ctx.is_main,
@@ -284,7 +373,12 @@ def main(params: Params) -> None:
             seconds = time.perf_counter() - started
             bar.close()
             loss_sum, correct, count = dist.all_reduce_sum(totals).tolist()
-            val_loss, val_acc, _ = evaluate(model, val_data, ctx, 4 * cfg.batch_size, autocast)
+            # Batch-norm statistics are each rank's own after its last forward: take rank
+            # 0's, the ones saved, so that every rank evaluates (and resumes) the same model.
+            dist.broadcast_buffers(raw_model)
+            val_loss, val_acc, val_count = evaluate(
+                raw_model, val_data, ctx, 4 * cfg.batch_size, autocast
+            )
             row = {
                 "epoch": epoch,
                 "train_loss": loss_sum / count,
@@ -292,11 +386,13 @@ def main(params: Params) -> None:
                 "val_loss": val_loss,
                 "val_accuracy": val_acc,
                 "lr": scheduler.get_last_lr()[0],
+                # Images of all ranks over rank 0's wall time (DDP keeps ranks in step).
                 "images_per_second": count / seconds,
                 "seconds": seconds,
+                "train_images": int(count),
+                "val_images": val_count,
             }
             history.append(row)
-            train_seconds += seconds
             rngs = dist.gather(rng_state())
             if ctx.is_main:
                 save_torch(
@@ -309,7 +405,7 @@ def main(params: Params) -> None:
                         "scaler": scaler.state_dict(),
                         "rng": rngs,
                         "history": history,
-                        "run_id": tracker.run_id if tracker else None,
+                        "run_id": tracker.known_run_id if tracker else None,
                     },
                     paths.CHECKPOINT,
                 )
@@ -323,22 +419,10 @@ def main(params: Params) -> None:
                     row["images_per_second"],
                 )
                 if tracker is not None:
-                    tracker.log_metrics(epoch_metrics(row), step=epoch)
+                    tracker.log_metrics(tracking.epoch_metrics(row), step=epoch)
 
         if ctx.is_main:
-            last = history[-1]
-            images_seen = sum(r["images_per_second"] * r["seconds"] for r in history)
-            metrics = {
-                "train_loss": last["train_loss"],
-                "train_accuracy": last["train_accuracy"],
-                "val_loss": last["val_loss"],
-                "val_accuracy": last["val_accuracy"],
-                "images_per_second": images_seen / train_seconds,
-                "train_seconds": train_seconds,
-                "epochs": len(history),
-                "world_size": ctx.world_size,
-                "global_batch_size": cfg.batch_size * ctx.world_size,
-            }
+            metrics = final_metrics(history, cfg, ctx.world_size)
             save_torch({"config": config, "state_dict": raw_model.state_dict()}, paths.MODEL)
             write_json(paths.TRAIN_METRICS, metrics)
             write_csv(paths.TRAIN_HISTORY, history)
@@ -346,37 +430,46 @@ def main(params: Params) -> None:
             write_json(paths.RUN_ID, {"run_id": tracker.run_id if tracker else None})
             if tracker is not None:
                 tracker.log_metrics(tracking.prefixed("train", metrics))
+                # The MLflow model is logged by evaluate: packaging it here (torch.export)
+                # would cost more than MLflow's 2% budget of training time.
                 tracker.log_artifacts(paths.PLOTS / "train", "plots")
-                tracker.log_pytorch_model(raw_model.cpu().eval(), models.example_input(config))
             log.info(
                 "trained %d epochs on %d process(es): val accuracy %.4f, %.0f img/s",
                 len(history),
                 ctx.world_size,
-                last["val_accuracy"],
+                metrics["val_accuracy"],
                 metrics["images_per_second"],
             )
     dist.teardown()
 
 
-def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
-    """A history row under MLflow names grouped by split: train/loss, val/accuracy, ..."""
+def final_metrics(history: list[dict[str, float]], cfg: Train, world_size: int) -> dict:
+    """metrics/train.json: the last epoch's scores and the whole run's throughput."""
+    last = history[-1]
+    seconds = sum(row["seconds"] for row in history)
+    images = sum(row["train_images"] for row in history)
     return {
-        "train/loss": row["train_loss"],
-        "train/accuracy": row["train_accuracy"],
-        "val/loss": row["val_loss"],
-        "val/accuracy": row["val_accuracy"],
-        "train/lr": row["lr"],
-        "train/images_per_second": row["images_per_second"],
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "val_loss": last["val_loss"],
+        "val_accuracy": last["val_accuracy"],
+        "images_per_second": images / seconds,
+        "train_seconds": seconds,
+        "epochs": len(history),
+        "world_size": world_size,
+        "batch_size": cfg.batch_size,
+        "global_batch_size": cfg.batch_size * world_size,
+        "train_images_per_epoch": int(last["train_images"]),
+        "val_images": int(last["val_images"]),
     }
 
 
 def open_run(
-    tracker: tracking.Tracker,
+    tracker: tracking.BackgroundTracker,
     run_id: str | None,
     params: Params,
     meta: dict[str, Any],
     ctx: dist.Context,
-    cfg: Train,
     history: list[dict[str, float]],
 ) -> None:
     """Reopen the checkpoint's run when resuming, else start one; log params and data."""
@@ -397,10 +490,11 @@ def open_run(
     tracker.log_params({f"data.{k}": v for k, v in meta.get("params", {}).items()})
     tracker.log_dataset(meta)
     # A kill between a checkpoint and its metrics leaves epochs unlogged: fill them in.
-    done = tracker.logged_steps("train/loss")
+    # (Asked only when resuming: the answer waits for the MLflow helper.)
+    done = tracker.logged_steps("train/loss") if history else set()
     for row in history:
         if int(row["epoch"]) not in done:
-            tracker.log_metrics(epoch_metrics(row), step=int(row["epoch"]))
+            tracker.log_metrics(tracking.epoch_metrics(row), step=int(row["epoch"]))
 
 
 if __name__ == "__main__":

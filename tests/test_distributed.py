@@ -1,0 +1,255 @@
+"""DDP for real: two gloo processes through `dvc repro`, two "nodes" on loopback, kills.
+
+One `dvc repro` with `train.nproc_per_node: 2` is the reference the other runs are held
+to: two single-process nodes joined by c10d rendezvous, and a two-process run killed
+mid-training and resumed, must both end with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import (
+    LAUNCH,
+    TRAIN,
+    assert_same_weights,
+    copy_repo,
+    finish,
+    free_port,
+    kill,
+    metrics,
+    python,
+    wait_for,
+    weights,
+)
+
+from conftest import git, make_repo, read_params, run_dvc, write_params
+
+psutil = pytest.importorskip("psutil")
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+# One thread per process: the same arithmetic whichever way the two processes are
+# launched (one node or two), so their weights can be compared bit for bit.
+DDP = {"nproc_per_node": 2, "threads": 1, "epochs": EPOCHS, "warmup_epochs": 1}
+STANDALONE = (*LAUNCH, "--standalone", "--nproc-per-node=2", *TRAIN)
+
+
+@pytest.fixture(scope="module")
+def ddp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tmp git repo where `dvc repro train` trained with two gloo processes."""
+    repo = make_repo(tmp_path_factory.mktemp("ddp") / "repo", commit=False)
+    write_params(repo, train=DDP)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "ddp")
+    done = run_dvc(repo, "repro", "train")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (repo / "repro.log").write_text(done.stdout + done.stderr)
+    return repo
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids still running (zombies waiting to be reaped count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def workers(pid: int, count: int) -> list[psutil.Process]:
+    """Wait until `pid` has `count` stages.train worker processes below it; return them."""
+
+    def found() -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        procs = []
+        for kid in kids:
+            try:
+                argv = kid.cmdline()
+            except psutil.Error:  # a short-lived helper (git) that is gone already
+                continue
+            # the launcher's own command line ends in `-m stages.train` too
+            if argv[-2:] == ["-m", "stages.train"] and "stages.launch" not in argv:
+                procs.append(kid)
+        return procs if len(procs) == count else []
+
+    return wait_for(found, 120, f"{count} workers under pid {pid}")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (size, mtime in ns) of every file under a folder."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def assert_quiet(repo: Path, seconds: float = 2.0) -> None:
+    """No file under models/, metrics/ or plots/ changes for `seconds`."""
+    folders = [repo / name for name in ("models", "metrics", "plots")]
+    before = [snapshot(f) if f.exists() else {} for f in folders]
+    time.sleep(seconds)
+    after = [snapshot(f) if f.exists() else {} for f in folders]
+    assert before == after, "files kept being written after the kill"
+
+
+def test_dvc_repro_two_gloo_processes(ddp_repo: Path) -> None:
+    import mlflow
+
+    meta = json.loads((ddp_repo / "data/prepared/meta.json").read_text())
+    scores = metrics(ddp_repo)
+    assert scores["world_size"] == 2
+    assert scores["epochs"] == EPOCHS
+    assert scores["global_batch_size"] == 2 * scores["batch_size"]
+    # Evaluation splits the val split across ranks without padding: each image once.
+    assert scores["val_images"] == meta["counts"]["val"]
+    # Training pads to an even share (DDP needs equal steps): at most world_size - 1 extra.
+    train = meta["counts"]["train"]
+    assert train <= scores["train_images_per_epoch"] < train + 2
+    with (ddp_repo / "plots/train/history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(float(r["epoch"])) for r in rows] == list(range(1, EPOCHS + 1))
+    assert all(int(float(r["val_images"])) == meta["counts"]["val"] for r in rows)
+    ckpt = torch.load(ddp_repo / "models/checkpoint.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and ckpt["epoch"] == EPOCHS
+    log = (ddp_repo / "repro.log").read_text()
+    assert "[train rank 1]" not in log  # only rank 0 speaks
+
+    mlflow.set_tracking_uri(f"sqlite:///{ddp_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert (
+        run.info.run_id == json.loads((ddp_repo / "models/mlflow_run.json").read_text())["run_id"]
+    )
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.params["train.nproc_per_node"] == "2"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+    assert run.data.metrics["train/val_images"] == meta["counts"]["val"]
+    # One model: rank 0's, whole (every rank holds the same weights after each step).
+    blob = torch.load(ddp_repo / "models/model.pt", weights_only=True)
+    assert blob["config"]["name"] == "cnn"
+    assert_same_weights(blob["state_dict"], ckpt["model"])
+
+
+def test_two_nodes_on_loopback_match_one_node(ddp_repo: Path, tmp_path: Path) -> None:
+    repo = copy_repo(ddp_repo, tmp_path / "nodes")
+    port = free_port()
+    node = (
+        *LAUNCH,
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=loopback-test",
+        *TRAIN,
+    )
+    procs = [python(repo, *node, log=f"node{i}.log") for i in range(2)]
+    logs = [finish(p, repo, f"node{i}.log") for i, p in enumerate(procs)]
+    assert sum("trained 3 epochs on 2 process(es)" in text for text in logs) == 1
+    assert metrics(repo)["world_size"] == 2
+    assert_same_weights(weights(repo), weights(ddp_repo))
+
+
+def test_killed_launcher_stops_workers_then_resume_is_exact(ddp_repo: Path, tmp_path: Path) -> None:
+    repo = copy_repo(ddp_repo, tmp_path / "killed")
+    launcher = python(repo, *STANDALONE)
+    pids = [p.pid for p in workers(launcher.pid, 2)]
+    ckpt = repo / "models/checkpoint.pt"
+    wait_for(ckpt.exists, 180, "the first checkpoint")
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    try:
+        wait_for(lambda: not alive(pids), 10, "the workers to exit")
+    finally:
+        for pid in alive(pids):
+            kill(pid)
+    assert_quiet(repo)
+    epoch = torch.load(ckpt, weights_only=False)["epoch"]
+    assert epoch < EPOCHS, "the run ended before it was killed: make it longer"
+    assert "the torchrun launcher died" in (repo / "run.log").read_text()
+
+    text = finish(python(repo, *STANDALONE, log="resume.log"), repo, "resume.log")
+    assert f"resuming from epoch {epoch} of {EPOCHS}" in text
+    assert_same_weights(weights(repo), weights(ddp_repo))
+
+
+def test_killed_dvc_repro_stops_launcher_and_workers(ddp_repo: Path, tmp_path: Path) -> None:
+    repo = copy_repo(ddp_repo, tmp_path / "dvc-killed")
+    # Many epochs: still training when killed, and a new params hash so DVC must run it.
+    write_params(repo, train={**read_params(repo)["train"], "epochs": 50})
+    bindir = Path(sys.executable).parent
+    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    dvc = python(repo, str(bindir / "dvc"), "repro", "train", env={"PATH": path})
+    pids = [p.pid for p in workers(dvc.pid, 2)]
+    below = [p.pid for p in psutil.Process(dvc.pid).children(recursive=True)]
+    wait_for((repo / "models/checkpoint.pt").exists, 180, "the first checkpoint")
+    dvc.send_signal(signal.SIGKILL)
+    dvc.wait()
+    try:
+        wait_for(lambda: not alive(below), 10, "the launcher and workers to exit")
+    finally:
+        for pid in alive(below):
+            kill(pid)
+    assert set(pids) <= set(below)
+    assert_quiet(repo)
+
+
+def test_a_failed_worker_ends_the_job(ddp_repo: Path, tmp_path: Path) -> None:
+    repo = copy_repo(ddp_repo, tmp_path / "failed")
+    write_params(repo, train={**read_params(repo)["train"], "epochs": 50})
+    launcher = python(repo, *STANDALONE)
+    procs = workers(launcher.pid, 2)
+    wait_for((repo / "models/checkpoint.pt").exists, 180, "the first checkpoint")
+    rank1 = next(p for p in procs if p.environ().get("RANK") == "1")
+    rank1.kill()  # as the kernel's OOM killer would
+    try:
+        launcher.wait(timeout=30)
+    finally:
+        kill(launcher.pid)
+    try:
+        wait_for(lambda: not alive([p.pid for p in procs]), 10, "the other worker to exit")
+    finally:
+        for pid in alive([p.pid for p in procs]):
+            kill(pid)
+    text = (repo / "run.log").read_text()
+    assert launcher.returncode != 0
+    # rank 0 may fail too (its peer vanished mid-collective) before torchrun stops it
+    assert re.search(r"worker\(s\) failed \(.*rank 1 exit code -9", text), text[-3000:]
+
+
+@pytest.mark.gpu
+def test_amp_with_nccl_on_every_gpu(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from train_helpers import prepared_repo
+
+    gpus = torch.cuda.device_count()
+    repo = prepared_repo(
+        tmp_path / "gpu",
+        train={"nproc_per_node": "auto", "device": "cuda", "amp": "bf16", "epochs": 2},
+    )
+    text = finish(python(repo, *LAUNCH, "--standalone", "--nproc-per-node=auto", *TRAIN), repo)
+    scores = metrics(repo)
+    assert scores["world_size"] == gpus  # auto = every GPU, NCCL when there are several
+    assert scores["val_accuracy"] > 0.5
+    assert f"on {gpus} process(es)" in text
