@@ -53,6 +53,8 @@ def main(params: Params) -> None:
         tracker.log_params(params.flat("evaluate"))
         tracker.log_metrics(tracking.prefixed("evaluate", metrics))
         tracker.log_artifacts(paths.PLOTS / "evaluate", "plots")
+        # The model joins its run here, not in train, where packaging it would slow training.
+        tracker.log_pytorch_model(paths.MODEL)
     log.info(
         "test accuracy %.4f (macro F1 %.4f) on %d images",
         metrics["accuracy"],

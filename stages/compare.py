@@ -1,0 +1,162 @@
+"""Compare the runs of the MLflow experiment as a table; optionally crown the best one.
+
+    python -m stages.compare [--sort evaluate/accuracy] [--csv runs.csv] [--markdown runs.md]
+                             [--register vision-classifier]
+
+One row per run (per pipeline result): the params that differ between runs and the key
+metrics of every stage, best first by the sort metric, printed as a markdown table.
+`--register NAME` registers the best run's PyTorch model in the MLflow model registry and
+points the alias `champion` at that version (`models:/NAME@champion`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from stages import logs, tracking
+from stages.errors import StageError
+from stages.params import load_params
+
+log = logging.getLogger("stages.compare")
+
+# One headline number per stage: quality, INT8 quality, deployed speed, training speed.
+KEY_METRICS = (
+    "evaluate/accuracy",
+    "evaluate/macro_f1",
+    "convert/accuracy_int8",
+    "benchmark/openvino_int8/throughput",
+    "benchmark/pytorch/latency_ms",
+    "train/images_per_second",
+    "train/train_seconds",
+)
+# Metrics where smaller is better sort ascending unless told otherwise.
+LOWER_IS_BETTER = ("loss", "latency", "seconds", "diff", "drop", "size_mb")
+# Params that always differ or say nothing about the result.
+IGNORED_PARAMS = ("data.root",)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of this metric are better (loss, latency, ...)."""
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def table(runs: pd.DataFrame, sort: str, ascending: bool | None = None) -> pd.DataFrame:
+    """The comparison: run, name, differing params, key metrics; best first by `sort`."""
+    if runs.empty:
+        raise StageError("compare: the experiment has no runs yet")
+    column = f"metrics.{sort}"
+    if column not in runs:
+        known = sorted(c.removeprefix("metrics.") for c in runs if c.startswith("metrics."))
+        raise StageError(
+            f"compare: no run has the metric {sort!r}; some known ones: " + ", ".join(known[:8])
+        )
+    params = [
+        c
+        for c in sorted(c for c in runs if c.startswith("params."))
+        if c.removeprefix("params.") not in IGNORED_PARAMS
+        and runs[c].astype(str).nunique(dropna=False) > 1
+    ]
+    metrics = [f"metrics.{m}" for m in KEY_METRICS if f"metrics.{m}" in runs]
+    if column not in metrics:
+        metrics.insert(0, column)
+    metrics = [c for c in metrics if runs[c].notna().any()]
+    out = pd.DataFrame(
+        {
+            "run": runs["run_id"].str[:8],
+            "name": runs.get("tags.mlflow.runName", pd.Series("", index=runs.index)),
+            "status": runs["status"],
+        }
+    )
+    for c in params:
+        out[c.removeprefix("params.")] = runs[c]
+    for c in metrics:
+        out[c.removeprefix("metrics.")] = runs[c]
+    out["run_id"] = runs["run_id"]
+    ascending = lower_is_better(sort) if ascending is None else ascending
+    return out.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+    shown = frame.drop(columns=["run_id"])
+    numeric = [pd.api.types.is_numeric_dtype(shown[c]) for c in shown]
+    lines = [
+        "| " + " | ".join(shown.columns) + " |",
+        "| " + " | ".join("---:" if n else "---" for n in numeric) + " |",
+    ]
+    for row in shown.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of `python -m stages.compare`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.compare", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--sort", default="evaluate/accuracy", help="metric to rank runs by")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--ascending", action="store_true", default=None, help="smallest first")
+    order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")
+    parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
+    parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the best run's PyTorch model as NAME, alias 'champion'",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    """Print the comparison; write files and register the champion when asked."""
+    logs.setup("compare")
+    args = parse_args(argv)
+    cfg = load_params().mlflow
+    frame = table(tracking.runs_frame(cfg), args.sort, args.ascending)
+    text = markdown(frame)
+    sys.stdout.write(text)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+        log.info("wrote %s", args.csv)
+    if args.markdown:
+        args.markdown.write_text(text)
+        log.info("wrote %s", args.markdown)
+    if args.register:
+        ranked = frame[frame[args.sort].notna()]
+        if ranked.empty:
+            raise StageError(f"compare: no run has a value for {args.sort}")
+        best = ranked.iloc[0]
+        version = tracking.register_champion(cfg, best["run_id"], args.register)
+        log.info(
+            "registered run %s (%s %s) as %s version %s, alias champion: models:/%s@champion",
+            best["run"],
+            args.sort,
+            _cell(best[args.sort]),
+            args.register,
+            version,
+            args.register,
+        )
+
+
+def cli() -> None:
+    """Console script `vision-compare`."""
+    main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,152 @@
+"""Queued DVC experiments run in temporary copies of the repository, two at once, and
+must land in the user's MLflow store beside the `dvc repro` run, without lock errors;
+then `stages.compare` ranks those real runs and crowns the best one."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import git, make_repo, run_dvc, run_module
+from stages import tracking
+
+pytestmark = pytest.mark.slow
+
+# Stages after evaluate reopen the run the same way evaluate does; leaving them out keeps
+# two concurrent pipelines on two cores within a couple of minutes.
+TRIMMED = ("export", "convert", "benchmark")
+BASE_RATE = "0.002"
+RATES = ("0.001", "0.004")
+# `dvc queue status`: task id, experiment name, created, status
+ROW = re.compile(r"^\s*[0-9a-f]{7}\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$")
+
+
+def trim_pipeline(repo: Path) -> None:
+    """dvc.yaml without the stages after evaluate (and their plots)."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    for name in TRIMMED:
+        del pipeline["stages"][name]
+    pipeline["plots"] = [p for p in pipeline["plots"] if "benchmark" not in str(p)]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+def queue_rows(repo: Path) -> list[tuple[str, str]]:
+    """(experiment name, status) of every task `dvc queue status` lists."""
+    done = run_dvc(repo, "queue", "status")
+    assert done.returncode == 0, done.stderr
+    return [m.groups() for m in map(ROW.match, done.stdout.splitlines()) if m]
+
+
+def client_for(repo: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list]]:
+    """A repo after `dvc repro` and two queued experiments run by two workers."""
+    repo = make_repo(tmp_path_factory.mktemp("queue") / "repo", commit=False)
+    trim_pipeline(repo)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+            mp.delenv(name, raising=False)
+        first = run_dvc(repo, "repro")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        for rate in RATES:
+            queued = run_dvc(repo, "exp", "run", "--queue", "-S", f"train.lr={rate}")
+            assert queued.returncode == 0, queued.stderr
+        try:
+            started = run_dvc(repo, "queue", "start", "-j", "2")
+            assert started.returncode == 0, started.stderr
+            deadline = time.monotonic() + 900
+            while True:
+                rows = queue_rows(repo)
+                if len(rows) == 2 and all(s in ("Success", "Failed") for _, s in rows):
+                    break
+                assert time.monotonic() < deadline, f"queue still busy: {rows}"
+                time.sleep(2)
+        finally:
+            with contextlib.suppress(Exception):
+                run_dvc(repo, "queue", "stop", timeout=120)
+    yield repo, rows
+
+
+def test_two_queued_experiments_land_in_the_user_store(queued: tuple[Path, list]) -> None:
+    repo, rows = queued
+    names = {name for name, _ in rows}
+    for name, status in rows:
+        logs = run_dvc(repo, "queue", "logs", name).stdout
+        assert status == "Success", logs[-3000:]
+        assert "database is locked" not in logs
+        assert "MLflow logging failed" not in logs
+
+    client = client_for(repo)
+    experiment = client.get_experiment_by_name("vision-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3
+    queued_runs = [r for r in runs if r.data.tags.get("dvc.experiment")]
+    assert {r.data.tags["dvc.experiment"] for r in queued_runs} == names
+    assert {r.data.params["train.lr"] for r in queued_runs} == set(RATES)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert "evaluate/accuracy" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    for run in queued_runs:
+        assert run.info.run_name == run.data.tags["dvc.experiment"]
+        # artifacts live beside the user's db, not in the deleted temporary copy
+        assert run.info.artifact_uri.startswith((repo / "mlruns").resolve().as_uri())
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_compare_ranks_the_runs_and_registers_the_champion(
+    queued: tuple[Path, list], tmp_path: Path
+) -> None:
+    repo, _ = queued
+    table_csv, table_md = tmp_path / "runs.csv", tmp_path / "runs.md"
+    args = ("--sort", "evaluate/accuracy", "--csv", str(table_csv), "--markdown", str(table_md))
+    done = run_module(repo, "-m", "stages.compare", *args, "--register", "digits-classifier")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 5  # header, separator, one row per run
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert "train.lr" in header  # the param that differs between the runs
+    assert "train.epochs" not in header  # the same in all: not a column
+    assert {"evaluate/accuracy", "train/images_per_second"} <= set(header)
+    assert table_md.read_text() == done.stdout
+    assert "alias champion" in done.stderr
+
+    rows = list(csv.DictReader(table_csv.open()))
+    assert {r["train.lr"] for r in rows} == {BASE_RATE, *RATES}
+    accuracies = [float(r["evaluate/accuracy"]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    best = rows[0]["run_id"]
+    assert lines[2].startswith(f"| {best[:8]} |")
+
+    client = client_for(repo)
+    champion = client.get_model_version_by_alias("digits-classifier", "champion")
+    run = client.get_run(best)
+    [model] = client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{best}' AND name = '{tracking.PYTORCH_MODEL}'",
+    )
+    assert champion.run_id == best
+    assert champion.source == model.model_uri  # the logged PyTorch model of that run
+
+    ascending = run_module(repo, "-m", "stages.compare", "--ascending")
+    assert ascending.returncode == 0, ascending.stderr[-3000:]
+    top = {r["run"] for r in rows if float(r["evaluate/accuracy"]) == accuracies[0]}
+    assert ascending.stdout.strip().splitlines()[-1].split("|")[1].strip() in top
+    unknown = run_module(repo, "-m", "stages.compare", "--sort", "no/such_metric")
+    assert unknown.returncode != 0
+    assert unknown.stderr.strip().splitlines()[-1].startswith("error: compare: no run has")
