@@ -86,10 +86,16 @@ def make_repo(dest: Path, commit: bool = True) -> Path:
             shutil.copy2(source, target)
     write_params(dest, **SHRINK)
     if commit:
-        git(dest, "init", "-q", "-b", "main")
-        git(dest, "add", "-A")
-        git(dest, "commit", "-q", "-m", "pipeline")
+        commit_all(dest)
     return dest
+
+
+def commit_all(repo: Path) -> None:
+    """Make `repo` a git repository (if needed) with everything in one commit."""
+    if not (repo / ".git").exists():
+        git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline")
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ from train_helpers import (
     weights,
 )
 
-from conftest import git, make_repo, read_params, run_dvc, write_params
+from conftest import commit_all, make_repo, read_params, run_dvc, write_params
 
 psutil = pytest.importorskip("psutil")
 
@@ -50,9 +50,7 @@ def ddp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tmp git repo where `dvc repro train` trained with two gloo processes."""
     repo = make_repo(tmp_path_factory.mktemp("ddp") / "repo", commit=False)
     write_params(repo, train=DDP)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "ddp")
+    commit_all(repo)
     done = run_dvc(repo, "repro", "train")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (repo / "repro.log").write_text(done.stdout + done.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import git, make_repo, run_dvc, run_module
+from conftest import commit_all, make_repo, run_dvc, run_module
 from stages import tracking
 
 pytestmark = pytest.mark.slow
@@ -55,9 +55,7 @@ def queued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     """A repo after `dvc repro` and two queued experiments run by two workers."""
     repo = make_repo(tmp_path_factory.mktemp("queue") / "repo", commit=False)
     trim_pipeline(repo)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "pipeline")
+    commit_all(repo)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
             mp.delenv(name, raising=False)

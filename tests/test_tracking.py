@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from train_helpers import free_port, prepared_repo
 
-from conftest import ROOT, git, make_repo, run_dvc, run_module, write_params
+from conftest import ROOT, commit_all, git, make_repo, run_dvc, run_module, write_params
 from stages import tracking
 from stages.errors import StageError
 from stages.params import load_params
@@ -262,9 +262,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A committed tmp repo (two epochs, so curves have two points) after `dvc repro`."""
     repo = make_repo(tmp_path_factory.mktemp("tracked") / "repo", commit=False)
     write_params(repo, train={"epochs": 2})
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "pipeline")
+    commit_all(repo)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
             mp.delenv(name, raising=False)
