@@ -98,22 +98,37 @@ def commit_all(repo: Path) -> None:
     git(repo, "commit", "-q", "-m", "pipeline")
 
 
+# Set by DVC, torchrun or MLflow itself: mlflow.set_tracking_uri() in an in-process stage
+# exports MLFLOW_TRACKING_URI, which would send a later subprocess's runs to that store.
+INHERITED = (
+    "MLFLOW_TRACKING_URI",
+    "DVC_ROOT",
+    "DVC_EXP_NAME",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without inherited run variables, plus `extra` (which wins)."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED}
+    return {**env, **GIT_ENV, **(extra or {})}
+
+
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests never write into a user's store or inherit a DVC run's variables."""
-    for name in (
-        "MLFLOW_TRACKING_URI",
-        "DVC_ROOT",
-        "DVC_EXP_NAME",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "TORCHELASTIC_RUN_ID",
-    ):
+    for name in INHERITED:
         monkeypatch.delenv(name, raising=False)
     for name, value in GIT_ENV.items():
         monkeypatch.setenv(name, value)
+    yield
+    # What an in-process stage exported (MLflow does) must not reach the next test.
+    for name in INHERITED:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture
@@ -133,7 +148,7 @@ def run_module(
         cwd=repo,
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=child_env(env),
         timeout=timeout,
         check=False,
     )
@@ -144,11 +159,7 @@ def run_dvc(
 ) -> subprocess.CompletedProcess:
     """The dvc CLI of this environment inside the repo (stages see this venv's python)."""
     bindir = str(Path(sys.executable).parent)
-    full_env = {
-        **os.environ,
-        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-        **(env or {}),
-    }
+    full_env = child_env({"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **(env or {})})
     return subprocess.run(
         [str(Path(bindir) / "dvc"), *args],
         cwd=repo,
@@ -170,7 +181,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Tests that need a model copy it with `clone_trained` instead of training again.
     """
     path = make_repo(tmp_path_factory.mktemp("trained") / "repo")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env = child_env()
     for stage in STAGES:
         done = subprocess.run(
             [sys.executable, "-m", f"stages.{stage}"],

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from conftest import make_repo, write_params
+from conftest import child_env, make_repo, write_params
 
 LAUNCH = ("-m", "stages.launch")
 TRAIN = ("-m", "stages.train")
@@ -76,7 +76,7 @@ def python(repo: Path, *args: str, **kwargs: Any) -> subprocess.Popen:
     """Start `python <args>` in the repo with stdout+stderr into repo/<log>."""
     log = kwargs.pop("log", "run.log")
     out = (repo / log).open("w")
-    env = {**os.environ, **kwargs.pop("env", {})}
+    env = child_env(kwargs.pop("env", {}))
     return subprocess.Popen(
         [sys.executable, *args], cwd=repo, stdout=out, stderr=subprocess.STDOUT, env=env
     )
