@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,17 @@ def workers(pid: int, count: int) -> list[psutil.Process]:
         return procs if len(procs) == count else []
 
     return wait_for(found, 120, f"{count} workers under pid {pid}")
+
+
+def sigkill_and_wait(proc: subprocess.Popen, pids: list[int], what: str) -> None:
+    """SIGKILL proc, then require every pid gone within 10 s (killing stragglers after)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        wait_for(lambda: not alive(pids), 10, what)
+    finally:
+        for pid in alive(pids):
+            kill(pid)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -174,13 +186,7 @@ def test_killed_launcher_stops_workers_then_resume_is_exact(ddp_repo: Path, tmp_
     pids = [p.pid for p in workers(launcher.pid, 2)]
     ckpt = repo / "models/checkpoint.pt"
     wait_for(ckpt.exists, 180, "the first checkpoint")
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait()
-    try:
-        wait_for(lambda: not alive(pids), 10, "the workers to exit")
-    finally:
-        for pid in alive(pids):
-            kill(pid)
+    sigkill_and_wait(launcher, pids, "the workers to exit")
     assert_quiet(repo)
     epoch = torch.load(ckpt, weights_only=False)["epoch"]
     assert epoch < EPOCHS, "the run ended before it was killed: make it longer"
@@ -201,13 +207,7 @@ def test_killed_dvc_repro_stops_launcher_and_workers(ddp_repo: Path, tmp_path: P
     pids = [p.pid for p in workers(dvc.pid, 2)]
     below = [p.pid for p in psutil.Process(dvc.pid).children(recursive=True)]
     wait_for((repo / "models/checkpoint.pt").exists, 180, "the first checkpoint")
-    dvc.send_signal(signal.SIGKILL)
-    dvc.wait()
-    try:
-        wait_for(lambda: not alive(below), 10, "the launcher and workers to exit")
-    finally:
-        for pid in alive(below):
-            kill(pid)
+    sigkill_and_wait(dvc, below, "the launcher and workers to exit")
     assert set(pids) <= set(below)
     assert_quiet(repo)
 

@@ -56,27 +56,24 @@ def queued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     repo = make_repo(tmp_path_factory.mktemp("queue") / "repo", commit=False)
     trim_pipeline(repo)
     commit_all(repo)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-            mp.delenv(name, raising=False)
-        first = run_dvc(repo, "repro")
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        for rate in RATES:
-            queued = run_dvc(repo, "exp", "run", "--queue", "-S", f"train.lr={rate}")
-            assert queued.returncode == 0, queued.stderr
-        try:
-            started = run_dvc(repo, "queue", "start", "-j", "2")
-            assert started.returncode == 0, started.stderr
-            deadline = time.monotonic() + 900
-            while True:
-                rows = queue_rows(repo)
-                if len(rows) == 2 and all(s in ("Success", "Failed") for _, s in rows):
-                    break
-                assert time.monotonic() < deadline, f"queue still busy: {rows}"
-                time.sleep(2)
-        finally:
-            with contextlib.suppress(Exception):
-                run_dvc(repo, "queue", "stop", timeout=120)
+    first = run_dvc(repo, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for rate in RATES:
+        queued = run_dvc(repo, "exp", "run", "--queue", "-S", f"train.lr={rate}")
+        assert queued.returncode == 0, queued.stderr
+    try:
+        started = run_dvc(repo, "queue", "start", "-j", "2")
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 900
+        while True:
+            rows = queue_rows(repo)
+            if len(rows) == 2 and all(s in ("Success", "Failed") for _, s in rows):
+                break
+            assert time.monotonic() < deadline, f"queue still busy: {rows}"
+            time.sleep(2)
+    finally:
+        with contextlib.suppress(Exception):
+            run_dvc(repo, "queue", "stop", timeout=120)
     yield repo, rows
 
 
