@@ -807,6 +807,14 @@ class BackgroundTracker:
         self.end(failed=exc_type is not None)
 
 
+class _Stopped(BaseException):
+    """SIGTERM in the helper: the stage's process group is being ended."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
 def agent() -> None:
     """`python -m stages.tracking agent`: carry out a BackgroundTracker's calls in order."""
     from stages import logs
@@ -816,19 +824,40 @@ def agent() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     # Ctrl-C reaches the whole process group; the stage decides, and tells us by "end".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    header = json.loads(sys.stdin.readline() or "null")
-    if not header:
-        return
-    logs.setup(header["stage"])
+    # torchrun ends a worker with SIGTERM to its whole group (this helper included): mark
+    # the run FAILED rather than leave it RUNNING forever in the UI.
+    signal.signal(signal.SIGTERM, _stop)
     tracker: Tracker | None = None
     try:
-        tracker = Tracker(MLflow(**header["cfg"]), header["stage"], uri=header["uri"])
-    except Exception as exc:
-        log.warning("MLflow logging failed (%s); the stage goes on; %s", first_line(exc), SYNC_HINT)
-    ended = False
+        header = json.loads(sys.stdin.readline() or "null")
+        if not header:
+            return
+        logs.setup(header["stage"])
+        try:
+            tracker = Tracker(MLflow(**header["cfg"]), header["stage"], uri=header["uri"])
+        except Exception as exc:
+            log.warning(
+                "MLflow logging failed (%s); the stage goes on; %s", first_line(exc), SYNC_HINT
+            )
+        _serve(tracker, replies)
+    except _Stopped:
+        pass
+    # The stage died (or was ended) without closing its run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if tracker is not None:
+        tracker.end(failed=True)
+    # Skip the interpreter's teardown of MLflow's modules: nothing waits for it, and a
+    # dead stage's helper should not linger.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve(tracker: Tracker | None, replies: Any) -> None:
+    """Answer the stage's requests in order until it says "end" or goes away."""
     for line in sys.stdin:
         request = json.loads(line)
         result = None
+        ended = False
         if tracker is not None and request["op"] in AGENT_OPS:
             try:
                 result = getattr(tracker, request["op"])(*request["args"], **request["kwargs"])
@@ -843,14 +872,10 @@ def agent() -> None:
                 json.dumps({"id": request["id"], "result": result, "healthy": healthy}) + "\n"
             )
         except OSError:  # the stage is gone
-            break
+            return
         if ended:
-            # Everything is committed and answered; skip the interpreter's teardown of
-            # MLflow's modules, which the stage would otherwise wait for.
-            sys.stderr.flush()
-            os._exit(0)
-    if tracker is not None:  # the stage died without closing its run
-        tracker.end(failed=True)
+            # Everything is committed and answered.
+            return
 
 
 @contextlib.contextmanager
