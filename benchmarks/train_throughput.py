@@ -15,7 +15,12 @@ interleaved so that a busy machine slows every variant alike:
 - ceiling: the bare net's forward + backward + step on pre-normalized float tensors, what
   any loop can reach at best;
 
-and then, in fresh processes through `stages.launch` (torchrun), one process with N
+plus the stage with each train option named in `--also` (compile, channels_last, bf16
+autocast), each against the textbook loop too. With the real MNIST files, every loop's
+model is then scored on 2,000 t10k images none of them trained on (they all trained on
+the same number of images), so a faster loop is seen to learn as well.
+
+And then, in fresh processes through `stages.launch` (torchrun), one process with N
 threads against N gloo processes with one thread each, alternately.
 """
 
@@ -53,6 +58,8 @@ OPTIONS = {
     "bf16": {"amp": "bf16"},
 }
 TARGETS = {"stage / textbook": 1.3, "stage / ceiling": 0.95, "ddp / one process": 0.9}
+# The t10k images from here on are held out of training to compare the loops' accuracy.
+HELD_OUT_FROM = 8000
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -82,6 +89,18 @@ def mnist_like(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8, generator=gen)
     return x, torch.randint(0, 10, (count,), generator=gen), "synthetic"
+
+
+def held_out(train_images: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Real MNIST images the loops never train on (t10k's last 2,000), for accuracy."""
+    for folder in MNIST_DIRS:
+        images = folder / "t10k-images-idx3-ubyte.gz"
+        labels = folder / "t10k-labels-idx1-ubyte.gz"
+        if images.exists() and labels.exists() and train_images <= HELD_OUT_FROM:
+            x = torch.from_numpy(read_idx(images)[HELD_OUT_FROM:].copy()).unsqueeze(1)
+            y = torch.from_numpy(read_idx(labels)[HELD_OUT_FROM:].astype(np.int64))
+            return x, y
+    return None
 
 
 def config_for(images: torch.Tensor) -> dict:
@@ -132,6 +151,10 @@ class Stage:
         totals = train.train_epoch(self.model, self.data, take, self.step, self.cfg, self.bar)
         return int(dist.all_reduce_sum(totals)[2])
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The trained model's outputs for uint8 images (normalization is in the model)."""
+        return self.raw(images.float() / 255)
+
 
 class Textbook:
     """PyTorch's MNIST example: PIL images, per-sample transforms, a DataLoader."""
@@ -156,6 +179,7 @@ class Textbook:
                 img, target = self.data[index], int(self.targets[index])
                 return transform(Image.fromarray(img.numpy())), target
 
+        self.mean, self.std = config["mean"][0], config["std"][0]
         self.loader = torch.utils.data.DataLoader(Digits(), batch_size=cfg.batch_size, shuffle=True)
         self.batches = enumerate(self.loader)
         self.model = models.ZOO["cnn"][0](1, 28, 10)
@@ -182,12 +206,16 @@ class Textbook:
             seen += len(target)
         return seen
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The trained net's outputs for uint8 images, normalized as ToTensor+Normalize do."""
+        return self.model((images.float() / 255 - self.mean) / self.std)
+
 
 class Ceiling:
     """Only the net's own work: forward, backward, step on ready float batches."""
 
     def __init__(self, images, labels, config, cfg: Train):
-        mean, std = config["mean"][0], config["std"][0]
+        self.mean, self.std = mean, std = config["mean"][0], config["std"][0]
         gen = torch.Generator().manual_seed(0)
         order = torch.randperm(len(labels), generator=gen)
         self.x = ((images[order].float() / 255 - mean) / std).contiguous()
@@ -214,6 +242,8 @@ class Ceiling:
             self.position = end
         return seen
 
+    logits = Textbook.logits
+
 
 def measure(loops: dict, images: int, chunk: int, repeats: int) -> dict[str, list[float]]:
     """img/s of each loop per repeat, the loops taking turns every `chunk` images.
@@ -239,6 +269,18 @@ def measure(loops: dict, images: int, chunk: int, repeats: int) -> dict[str, lis
             ", ".join(f"{name} {values[-1]:.1f}" for name, values in rates.items()),
         )
     return rates
+
+
+@torch.no_grad()
+def accuracy(loop, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """A loop's model, as trained during the measurement, on images it never saw."""
+    model = loop.raw if isinstance(loop, Stage) else loop.model
+    model.eval()
+    right = sum(
+        int((loop.logits(x).argmax(1) == y).sum())
+        for x, y in zip(images.split(500), labels.split(500), strict=True)
+    )
+    return right / len(labels)
 
 
 def timed(loop, limit: int | None = None) -> float:
@@ -302,7 +344,8 @@ def spread(values: list[float]) -> str:
 
 def ratio_line(name: str, ratios: list[float]) -> str:
     """A paired ratio's median, range and target."""
-    target = TARGETS.get(name)
+    # The stage with an option (stage+bf16) is held to the stage's own target.
+    target = TARGETS.get(name.split(" ", 1)[0].split("+")[0] + " " + name.split(" ", 1)[1])
     verdict = ""
     if target is not None:
         verdict = (
@@ -342,19 +385,21 @@ def main() -> None:
     train.seed_everything(0, cfg.deterministic)
     images, labels, source = mnist_like(args.images, 0)
     config = config_for(images)
-    loops = {
-        "textbook": Textbook(images, labels, config, cfg),
-        "stage": Stage(images, labels, config, cfg),
-        "ceiling": Ceiling(images, labels, config, cfg),
-    }
+    variants = {"textbook": (Textbook, cfg), "stage": (Stage, cfg), "ceiling": (Ceiling, cfg)}
     for option in filter(None, args.also.split(",")):
         if option not in OPTIONS:
             parser.error(f"--also: {option!r} is not one of {', '.join(OPTIONS)}")
-        changed = cfg.model_copy(update=OPTIONS[option])
-        loops[f"stage+{option}"] = Stage(images, labels, config, changed)
+        variants[f"stage+{option}"] = (Stage, cfg.model_copy(update=OPTIONS[option]))
+    loops = {}
+    for name, (kind, variant_cfg) in variants.items():
+        torch.manual_seed(0)  # the same initial weights in every loop
+        loops[name] = kind(images, labels, config, variant_cfg)
     for loop in loops.values():  # warm-up: oneDNN primitives, allocator, first calls
         loop.run(limit=args.batch_size * 4)
     rates = measure(loops, args.images, args.chunk, args.repeats)
+    # Every loop has now trained on the same number of images: compare what they learnt.
+    test = held_out(args.images)
+    scores = {name: accuracy(loop, *test) for name, loop in loops.items()} if test else {}
 
     ddp: dict[str, list[float]] = {}
     if not args.no_ddp:
@@ -374,6 +419,11 @@ def main() -> None:
 
     ratios = {
         "stage / textbook": pair(rates["stage"], rates["textbook"]),
+        **{
+            f"{name} / textbook": pair(rates[name], rates["textbook"])
+            for name in rates
+            if name.startswith("stage+")
+        },
         "stage / ceiling": pair(rates["stage"], rates["ceiling"]),
         # The most any loop can gain over the textbook one on this machine and net.
         "ceiling / textbook": pair(rates["ceiling"], rates["textbook"]),
@@ -384,21 +434,24 @@ def main() -> None:
 
     print(f"\ndata: {source}, {args.images} images/epoch, batch {args.batch_size}, "
           f"{args.threads} threads, {args.repeats} repeats, torch {torch.__version__}")  # fmt: skip
-    print(f"{'loop':<32} {'img/s median (min..max)':>28}")
+    held = f"held-out accuracy ({len(test[1])} images)" if test else "(no held-out images)"
+    print(f"{'loop':<32} {'img/s median (min..max)':>28}  {held}")
     names = {
         "textbook": "textbook (PIL + DataLoader)",
         "stage": "train stage (stages.train)",
         "ceiling": "ceiling (bare net, tensors)",
     }
     for name, values in rates.items():
-        print(f"{names.get(name, name):<32} {spread(values):>28}")
+        score = f"{scores[name]:.4f}" if name in scores else ""
+        print(f"{names.get(name, name):<32} {spread(values):>28}  {score}")
     for name, values in ddp.items():
         print(f"{name:<32} {spread(values):>28}")
     print(f"\n{'ratio':<22} median (min..max)")
     for name, values in ratios.items():
         print(ratio_line(name, values))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rates": rates, "ddp": ddp, "ratios": ratios}))
+        numbers = {"rates": rates, "ddp": ddp, "ratios": ratios, "accuracy": scores}
+        Path(args.json).write_text(json.dumps(numbers))
 
 
 if __name__ == "__main__":
