@@ -142,6 +142,8 @@ def wrap(raw_model: nn.Module, ctx: dist.Context, compile: bool) -> nn.Module:
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             # Only batch-norm statistics need rank 0's copy before each forward.
             broadcast_buffers=has_bn,
+            # Gradients live in the all-reduce buckets: no copy in and out each step.
+            gradient_as_bucket_view=True,
         )
     return torch.compile(model) if compile else model
 
