@@ -7,7 +7,7 @@ Run from the repository root (it needs the MNIST t10k IDX files, which it looks 
 
 It clones the committed repository into a temporary folder, hands it the 10,000 t10k
 images as the training files (so prepare splits them 8,000 / 2,000, of which 800 are
-held out for validation), sets `train.epochs` and the seed, and runs `dvc repro convert`
+held out for validation), sets `train.epochs` and the seed, and runs `dvc repro evaluate convert`
 once per seed. It prints the test accuracy of PyTorch, the FP16 IR and the INT8 IR for
 each seed, their mean, and whether the mean meets the 98 % target in 3 epochs.
 """
@@ -63,7 +63,7 @@ def run(repo: Path, params: dict) -> dict[str, float]:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.monotonic()
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), "repro", "convert"],
+        [str(Path(sys.executable).parent / "dvc"), "repro", "evaluate", "convert"],
         cwd=repo,
         capture_output=True,
         text=True,
