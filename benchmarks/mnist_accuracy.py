@@ -7,9 +7,10 @@ Run from the repository root (it needs the MNIST t10k IDX files, which it looks 
 
 It clones the committed repository into a temporary folder, hands it the 10,000 t10k
 images as the training files (so prepare splits them 8,000 / 2,000, of which 800 are
-held out for validation), sets `train.epochs` and the seed, and runs `dvc repro evaluate convert`
-once per seed. It prints the test accuracy of PyTorch, the FP16 IR and the INT8 IR for
-each seed, their mean, and whether the mean meets the 98 % target in 3 epochs.
+held out for validation), sets `train.epochs` and the seed (which also reshuffles the
+split), and runs `dvc repro evaluate convert` once per seed. It prints the test accuracy
+of PyTorch, the FP16 IR and the INT8 IR for each seed, their mean, and whether the mean
+meets the 98 % target in 3 epochs.
 """
 
 from __future__ import annotations
