@@ -231,7 +231,7 @@ def test_killed_launcher_stops_workers_then_resume_is_exact(ddp_repo: Path, tmp_
 def test_killed_dvc_repro_stops_launcher_and_workers(ddp_repo: Path, tmp_path: Path) -> None:
     repo = copy_repo(ddp_repo, tmp_path / "dvc-killed")
     # Many epochs: still training when killed, and a new params hash so DVC must run it.
-    write_params(repo, train={**read_params(repo)["train"], "epochs": 50})
+    write_params(repo, train={**read_params(repo)["train"], "epochs": 500})
     bindir = Path(sys.executable).parent
     path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
     dvc = python(repo, str(bindir / "dvc"), "repro", "train", env={"PATH": path})
