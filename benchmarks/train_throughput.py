@@ -50,7 +50,7 @@ from stages.params import Train, load_params  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
-MNIST_DIRS = (Path("/work/shared/data/mnist-t10k"), ROOT / "data/raw/MNIST/raw")
+MNIST_DIRS = (ROOT.parent / "shared/data/mnist-t10k", ROOT / "data/raw/MNIST/raw")
 # Train options the stage can also be measured with (--also): faster, not the default.
 OPTIONS = {
     "compile": {"compile": True},
