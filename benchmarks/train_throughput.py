@@ -27,7 +27,8 @@ threads against N gloo processes with one thread each, alternately.
 from __future__ import annotations
 
 import argparse
-import gzip
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -38,14 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import datasets, dist, models, train  # noqa: E402
+from stages import datasets, dist, models, sources, train  # noqa: E402
 from stages.params import Train, load_params  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -65,42 +65,38 @@ HELD_OUT_FROM = 8000
 # -- data ---------------------------------------------------------------------------------
 
 
-def read_idx(file: Path) -> np.ndarray:
-    """An IDX array (MNIST's format), gzipped or not."""
-    opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rb") as fh:
-        raw = fh.read()
-    dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def mnist_like(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """`count` uint8 N x 1 x 28 x 28 images and labels: real MNIST when found, else noise."""
+@functools.cache
+def real_mnist() -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """The first MNIST IDX pair found (t10k first), read by the prepare stage's reader."""
     for folder in MNIST_DIRS:
         for prefix in ("t10k", "train"):
             images = folder / f"{prefix}-images-idx3-ubyte.gz"
             labels = folder / f"{prefix}-labels-idx1-ubyte.gz"
             if images.exists() and labels.exists():
-                x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
-                y = torch.from_numpy(read_idx(labels).astype(np.int64))
-                reps = -(-count // len(y))  # more images than the file holds: repeat it
-                return x.repeat(reps, 1, 1, 1)[:count], y.repeat(reps)[:count], str(images)
+                split = sources.read_idx_split(images, labels, 10, hashlib.sha256(), prefix)
+                return split.images, split.labels, str(images)
+    return None
+
+
+def mnist_like(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """`count` uint8 N x 1 x 28 x 28 images and labels: real MNIST when found, else noise."""
+    real = real_mnist()
+    if real is not None:
+        x, y, source = real
+        reps = -(-count // len(y))  # more images than the file holds: repeat it
+        return x.repeat(reps, 1, 1, 1)[:count], y.repeat(reps)[:count], source
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8, generator=gen)
     return x, torch.randint(0, 10, (count,), generator=gen), "synthetic"
 
 
 def held_out(train_images: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Real MNIST images the loops never train on (t10k's last 2,000), for accuracy."""
-    for folder in MNIST_DIRS:
-        images = folder / "t10k-images-idx3-ubyte.gz"
-        labels = folder / "t10k-labels-idx1-ubyte.gz"
-        if images.exists() and labels.exists() and train_images <= HELD_OUT_FROM:
-            x = torch.from_numpy(read_idx(images)[HELD_OUT_FROM:].copy()).unsqueeze(1)
-            y = torch.from_numpy(read_idx(labels)[HELD_OUT_FROM:].astype(np.int64))
-            return x, y
-    return None
+    """2,000 real MNIST images the loops never train on (t10k's last 2,000), for accuracy."""
+    real = real_mnist()
+    if real is None or train_images > HELD_OUT_FROM:
+        return None
+    x, y, _ = real
+    return x[HELD_OUT_FROM : HELD_OUT_FROM + 2000], y[HELD_OUT_FROM : HELD_OUT_FROM + 2000]
 
 
 def config_for(images: torch.Tensor) -> dict:

@@ -249,7 +249,7 @@ def open_idx(path: Path, magic: int, hasher: Any) -> Iterator[IdxFile]:
         raw.close()
 
 
-def _read_idx_split(images: Path, labels: Path, n_classes: int, hasher, desc: str) -> Split:
+def read_idx_split(images: Path, labels: Path, n_classes: int, hasher, desc: str) -> Split:
     """One split from an IDX image file and its label file, streamed and checked."""
     with (
         open_idx(images, IDX_IMAGES, hasher) as x_file,
@@ -315,7 +315,7 @@ def read_idx(cfg: Data) -> Source:
         if None in paths:
             continue
         hasher.update(key.encode())
-        splits[key] = _read_idx_split(*paths, len(spec.classes), hasher, f"{spec.name} {key}")
+        splits[key] = read_idx_split(*paths, len(spec.classes), hasher, f"{spec.name} {key}")
     files = [str(p) for paths in found.values() for p in paths if p is not None]
     details = {
         "files": files,
