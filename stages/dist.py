@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -149,6 +150,52 @@ def watch_parent(
         on_death()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# Shells that run a stage's cmd for DVC (`$SHELL -c cmd`, or `/bin/sh -c cmd`).
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "yash", "fish", "busybox"})
+
+
+def callers() -> list[psutil.Process]:
+    """This process's parent and, through each `<shell> -c` wrapper, the one above it.
+
+    DVC runs `$SHELL -c cmd`: bash execs a lone command, but dash (Debian's /bin/sh, used
+    when SHELL is unset) stays in between, and a killed `dvc repro` leaves that shell
+    running, so the shell alone cannot tell that the caller has died.
+    """
+    chain: list[psutil.Process] = []
+    proc = psutil.Process().parent()
+    while proc is not None:
+        chain.append(proc)
+        try:
+            argv = proc.cmdline()
+        except psutil.Error:
+            break
+        if not argv or os.path.basename(argv[0]) not in SHELLS or "-c" not in argv[1:]:
+            break
+        proc = proc.parent()
+    return chain
+
+
+def _gone(proc: psutil.Process) -> bool:
+    # is_running() is False once the pid is gone or reused; a zombie waits to be reaped.
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def watch_callers(on_death: Callable[[], None], poll_s: float = 0.5) -> None:
+    """Call `on_death` (from a daemon thread) once the parent or, through shell wrappers,
+    the process that started it (`dvc repro`) has died."""
+    chain = callers()
+
+    def watch() -> None:
+        while not any(_gone(proc) for proc in chain):
+            time.sleep(poll_s)
+        on_death()
+
+    threading.Thread(target=watch, name="caller-watch", daemon=True).start()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@
 same options, the same rendezvous), with four differences: params.yaml is validated
 before any worker starts, `--nproc-per-node=auto` means every GPU here or a single process
 on a CPU-only machine (torchrun's own `auto` starts one process per CPU core), the workers
-stop when the launcher's parent (`dvc repro`) is killed, and a failed worker ends the
-launcher with one line instead of torchrun's traceback.
+stop when whatever started the launcher (`dvc repro`, through a `sh -c` wrapper or not) is
+killed, and a failed worker ends the launcher with one line instead of torchrun's traceback.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ def main(argv: list[str]) -> None:
     def parent_died() -> None:
         # `dvc repro` was killed without a chance to signal us: stop the workers the way
         # torchrun does on SIGTERM (its handler terminates them, then the agent exits).
-        log.error("the parent process died; stopping the workers")
+        log.error("the process that started train (dvc repro) died; stopping the workers")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    dist.watch_parent(parent_died)
+    dist.watch_callers(parent_died)
     try:
         run(args)
     except ChildFailedError as exc:

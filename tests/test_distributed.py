@@ -228,13 +228,22 @@ def test_killed_launcher_stops_workers_then_resume_is_exact(ddp_repo: Path, tmp_
     assert_same_weights(weights(repo), weights(ddp_repo))
 
 
-def test_killed_dvc_repro_stops_launcher_and_workers(ddp_repo: Path, tmp_path: Path) -> None:
+# DVC runs a stage's cmd through $SHELL (`/bin/sh` when unset). bash execs a lone
+# command, so the launcher is dvc's child; dash (Debian's /bin/sh) stays in between as
+# `sh -c`, and outlives a killed dvc. Both must stop everything.
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_killed_dvc_repro_stops_launcher_and_workers(
+    ddp_repo: Path, tmp_path: Path, shell: str
+) -> None:
+    if not Path(shell).exists():
+        pytest.skip(f"no {shell} here")
     repo = copy_repo(ddp_repo, tmp_path / "dvc-killed")
     # Many epochs: still training when killed, and a new params hash so DVC must run it.
     write_params(repo, train={**read_params(repo)["train"], "epochs": 500})
     bindir = Path(sys.executable).parent
     path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
-    dvc = python(repo, str(bindir / "dvc"), "repro", "train", env={"PATH": path})
+    env = {"PATH": path, "SHELL": shell}
+    dvc = python(repo, str(bindir / "dvc"), "repro", "train", env=env)
     pids = [p.pid for p in workers(dvc.pid, 2)]
     wait_for((repo / "models/checkpoint.pt").exists, 180, "the first checkpoint")
     wait_for(lambda: run_statuses(repo) == ["RUNNING"], 90, "the MLflow run to open")

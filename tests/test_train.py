@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +120,21 @@ def test_every_sample_is_evaluated_exactly_once_across_ranks() -> None:
                 for r in range(world)
             ]
             assert sorted(i for share in shares for i in share) == list(range(count))
+
+
+def test_launcher_watches_the_caller_through_a_shell_wrapper() -> None:
+    # What `dvc repro` does when SHELL is unset: `/bin/sh -c cmd`; `; exit` keeps any sh
+    # from exec-ing the command, so the shell stays between the caller and the launcher.
+    code = "from stages import dist; print(*[p.pid for p in dist.callers()])"
+    run = [sys.executable, "-c", code]
+    direct = subprocess.run(run, capture_output=True, text=True, check=True)
+    assert direct.stdout.split() == [str(os.getpid())]
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", f"{shlex.join(run)}; exit $?"], stdout=subprocess.PIPE, text=True
+    )
+    out = shell.communicate(timeout=120)[0]
+    assert shell.returncode == 0
+    assert out.split() == [str(shell.pid), str(os.getpid())]
 
 
 def test_nproc_auto_is_one_process_on_cpu_and_every_gpu_on_cuda(
