@@ -107,27 +107,17 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _exit_with_launcher(poll_s: float = 0.5) -> None:
     # torchrun starts workers in new sessions, so a SIGKILLed launcher (or `dvc repro`
     # above it) sends them no signal: they would keep training and writing files. Watch
-    # for the reparenting that follows the launcher's death and leave at once.
+    # the launcher and leave at once when it is gone.
     parent = os.getppid()
     # stages.launch names itself, so a launcher that died before this point (the worker
     # is already reparented) is caught too.
     launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher and int(launcher) != parent and not _pid_alive(int(launcher)):
+    if launcher and int(launcher) != parent and not psutil.pid_exists(int(launcher)):
         _launcher_died()
-    watch_parent(_launcher_died, poll_s, parent)
+    watch_callers(_launcher_died, poll_s, parent)
 
 
 def _launcher_died() -> None:
@@ -138,33 +128,20 @@ def _launcher_died() -> None:
     os._exit(1)
 
 
-def watch_parent(
-    on_death: Callable[[], None], poll_s: float = 0.5, parent: int | None = None
-) -> None:
-    """Call `on_death` (from a daemon thread) once this process's parent has died."""
-    parent = os.getppid() if parent is None else parent
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        on_death()
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 # Shells that run a stage's cmd for DVC (`$SHELL -c cmd`, or `/bin/sh -c cmd`).
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "yash", "fish", "busybox"})
 
 
-def callers() -> list[psutil.Process]:
-    """This process's parent and, through each `<shell> -c` wrapper, the one above it.
+def callers(parent: int | None = None) -> list[psutil.Process]:
+    """The parent (this process's, or `parent`) and, through `<shell> -c` wrappers, its callers.
 
     DVC runs `$SHELL -c cmd`: bash execs a lone command, but dash (Debian's /bin/sh, used
     when SHELL is unset) stays in between, and a killed `dvc repro` leaves that shell
     running, so the shell alone cannot tell that the caller has died.
     """
+    # NoSuchProcess when `parent` is gone already.
+    proc: psutil.Process | None = psutil.Process(os.getppid() if parent is None else parent)
     chain: list[psutil.Process] = []
-    proc = psutil.Process().parent()
     while proc is not None:
         chain.append(proc)
         try:
@@ -185,13 +162,18 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-def watch_callers(on_death: Callable[[], None], poll_s: float = 0.5) -> None:
+def watch_callers(
+    on_death: Callable[[], None], poll_s: float = 0.5, parent: int | None = None
+) -> None:
     """Call `on_death` (from a daemon thread) once the parent or, through shell wrappers,
     the process that started it (`dvc repro`) has died."""
-    chain = callers()
+    try:
+        chain = callers(parent)
+    except psutil.NoSuchProcess:
+        chain = []  # the parent died before we looked: on_death at once
 
     def watch() -> None:
-        while not any(_gone(proc) for proc in chain):
+        while chain and not any(_gone(proc) for proc in chain):
             time.sleep(poll_s)
         on_death()
 

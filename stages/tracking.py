@@ -390,11 +390,6 @@ class Tracker:
         """MLflow's system metrics (CPU, memory, GPU) for this run, when asked for."""
         if not enabled:
             return
-        try:
-            import psutil  # noqa: F401
-        except ImportError:
-            log.warning("mlflow.system_metrics needs psutil (pip install psutil); skipped")
-            return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from train_helpers import (
@@ -36,8 +37,6 @@ from train_helpers import (
 )
 
 from conftest import commit_all, make_repo, read_params, run_dvc, write_params
-
-psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.slow
 
