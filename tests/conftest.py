@@ -154,18 +154,25 @@ def run_module(
     )
 
 
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """child_env with this venv first on PATH, so that dvc's stages run its python."""
+    bindir = str(Path(sys.executable).parent)
+    return child_env({"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})})
+
+
 def run_dvc(
     repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """The dvc CLI of this environment inside the repo (stages see this venv's python)."""
-    bindir = str(Path(sys.executable).parent)
-    full_env = child_env({"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), **(env or {})})
     return subprocess.run(
-        [str(Path(bindir) / "dvc"), *args],
+        [DVC, *args],
         cwd=repo,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=dvc_env(env),
         timeout=timeout,
         check=False,
     )

@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from train_helpers import (
     weights,
 )
 
-from conftest import commit_all, make_repo, read_params, run_dvc, write_params
+from conftest import DVC, commit_all, dvc_env, make_repo, read_params, run_dvc, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -239,10 +237,7 @@ def test_killed_dvc_repro_stops_launcher_and_workers(
     repo = copy_repo(ddp_repo, tmp_path / "dvc-killed")
     # Many epochs: still training when killed, and a new params hash so DVC must run it.
     write_params(repo, train={**read_params(repo)["train"], "epochs": 500})
-    bindir = Path(sys.executable).parent
-    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {"PATH": path, "SHELL": shell}
-    dvc = python(repo, str(bindir / "dvc"), "repro", "train", env=env)
+    dvc = python(repo, DVC, "repro", "train", env=dvc_env({"SHELL": shell}))
     pids = [p.pid for p in workers(dvc.pid, 2)]
     wait_for((repo / "models/checkpoint.pt").exists, 180, "the first checkpoint")
     wait_for(lambda: run_statuses(repo) == ["RUNNING"], 90, "the MLflow run to open")
