@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from workspace import copy_tree, cpu_name, run
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,7 +60,14 @@ OPTIONS = {
     "channels_last": {"channels_last": True},
     "bf16": {"amp": "bf16"},
 }
-TARGETS = {"stage / textbook": 1.3, "stage / ceiling": 0.95, "ddp / one process": 0.9}
+TARGETS = {
+    "stage / textbook": 1.3,
+    "stage / ceiling": 0.95,
+    "whole stage / cold ceiling": 0.95,
+    "ddp / one process": 0.9,
+}
+# The t10k IDX files: (what, IDX dimensions) as in their names.
+FILES = (("images", 3), ("labels", 1))
 # The t10k images from here on are held out of training to compare the loops' accuracy.
 HELD_OUT_FROM = 8000
 
@@ -325,6 +335,60 @@ def launch(procs: int, threads: int, batch_size: int, args: argparse.Namespace) 
         return json.loads(out.read_text())["rates"]
 
 
+# -- the whole train stage, as `dvc repro` runs it --------------------------------------
+
+
+def stage_repo(tmp: Path, args: argparse.Namespace) -> tuple[Path, str]:
+    """A copy of this repository with MNIST prepared (t10k as 8,000 / 2,000), MLflow on."""
+    repo = copy_tree(tmp / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    source = "digits (no MNIST files found)"
+    for folder in MNIST_DIRS:
+        images, labels = (folder / f"t10k-{kind}-idx{n}-ubyte.gz" for kind, n in FILES)
+        if images.exists() and labels.exists():
+            raw = repo / "data/raw/MNIST/raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for file, (kind, n) in zip((images, labels), FILES, strict=True):
+                shutil.copyfile(file, raw / f"train-{kind}-idx{n}-ubyte.gz")
+            params["data"]["source"] = "mnist"
+            source = f"MNIST t10k from {folder}"
+            break
+    params["train"].update(epochs=args.stage_epochs, batch_size=args.batch_size)
+    params["runtime"]["threads"] = args.threads
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "stages.prepare"], repo)
+    return repo, source
+
+
+def whole_stage(repo: Path) -> float:
+    """images_per_second of metrics/train.json after the train stage ran from scratch."""
+    (repo / "models/checkpoint.pt").unlink(missing_ok=True)
+    launch_stage = ["-m", "stages.launch", "--standalone", "--nproc-per-node=1"]
+    run([sys.executable, *launch_stage, "-m", "stages.train"], repo)
+    return json.loads((repo / "metrics/train.json").read_text())["images_per_second"]
+
+
+def cold_ceiling(repo: Path, args: argparse.Namespace) -> float:
+    """The bare net on the same prepared images and epochs, in a fresh process like the stage."""
+    out = repo / "ceiling.json"
+    command = [
+        sys.executable, __file__, "--ceiling-worker", f"--out={out}", f"--threads={args.threads}",
+        f"--batch-size={args.batch_size}", f"--epochs={args.stage_epochs}",
+    ]  # fmt: skip
+    run(command, repo)
+    return json.loads(out.read_text())["rate"]
+
+
+def ceiling_worker(args: argparse.Namespace) -> None:
+    """In a fresh process in the repo: img/s of the bare net from its first step on."""
+    torch.set_num_threads(args.threads)
+    split = datasets.load_split("train")
+    torch.manual_seed(0)
+    loop = Ceiling(split.images, split.labels, config_for(split.images), train_cfg(args.batch_size))
+    rate = timed(loop, args.epochs * len(split.labels))
+    Path(args.out).write_text(json.dumps({"rate": rate}))
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -361,6 +425,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--no-ddp", action="store_true", help="skip the DDP comparison")
     parser.add_argument(
+        "--stage-epochs", type=int, default=2, help="epochs of the whole-stage runs (0: none)"
+    )
+    parser.add_argument(
         "--also",
         default="",
         help="comma-separated train options to measure the stage with as well: "
@@ -368,11 +435,15 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_worker:
         ddp_worker(args)
+        return
+    if args.ceiling_worker:
+        ceiling_worker(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -413,6 +484,19 @@ def main() -> None:
                 multi_name, ddp[multi_name][-1],
             )  # fmt: skip
 
+    whole: dict[str, list[float]] = {}
+    if args.stage_epochs:
+        with tempfile.TemporaryDirectory() as tmp:
+            repo, stage_source = stage_repo(Path(tmp), args)
+            whole = {"whole stage": [], "cold ceiling": []}
+            for r in range(args.repeats):
+                whole["whole stage"].append(whole_stage(repo))
+                whole["cold ceiling"].append(cold_ceiling(repo, args))
+                log.info(
+                    "repeat %d/%d: whole stage %.1f, cold ceiling %.1f img/s",
+                    r + 1, args.repeats, whole["whole stage"][-1], whole["cold ceiling"][-1],
+                )  # fmt: skip
+
     ratios = {
         "stage / textbook": pair(rates["stage"], rates["textbook"]),
         **{
@@ -427,6 +511,8 @@ def main() -> None:
     if ddp:
         single, multi = ddp.values()
         ratios["ddp / one process"] = pair(multi, single)
+    if whole:
+        ratios["whole stage / cold ceiling"] = pair(*whole.values())
 
     print(f"\ndata: {source}, {args.images} images/epoch, batch {args.batch_size}, "
           f"{args.threads} threads, {args.repeats} repeats, torch {torch.__version__}")  # fmt: skip
@@ -442,11 +528,21 @@ def main() -> None:
         print(f"{names.get(name, name):<32} {spread(values):>28}  {score}")
     for name, values in ddp.items():
         print(f"{name:<32} {spread(values):>28}")
+    if whole:
+        print(
+            f"\nthe whole train stage (python -m stages.launch ... -m stages.train, MLflow on, "
+            f"{args.stage_epochs} epochs of {stage_source}) against the bare net on the same "
+            "images in a fresh process, each timed from its first step:"
+        )
+        for name, values in whole.items():
+            print(f"{name:<32} {spread(values):>28}")
     print(f"\n{'ratio':<22} median (min..max)")
     for name, values in ratios.items():
         print(ratio_line(name, values))
+    print(cpu_name())
     if args.json:
-        numbers = {"rates": rates, "ddp": ddp, "ratios": ratios, "accuracy": scores}
+        numbers = {"rates": rates, "ddp": ddp, "whole": whole, "ratios": ratios}
+        numbers["accuracy"] = scores
         Path(args.json).write_text(json.dumps(numbers))
 
 

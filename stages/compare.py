@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from stages import logs, tracking
-from stages.errors import StageError
-from stages.params import load_params
+from stages.errors import StageError, first_line
+from stages.params import MLflow, load_params
 
 log = logging.getLogger("stages.compare")
 
@@ -29,6 +29,7 @@ log = logging.getLogger("stages.compare")
 KEY_METRICS = (
     "evaluate/accuracy",
     "evaluate/macro_f1",
+    "evaluate/loss",
     "convert/accuracy_int8",
     "benchmark/openvino_int8/throughput",
     "benchmark/pytorch/latency_ms",
@@ -39,6 +40,59 @@ KEY_METRICS = (
 LOWER_IS_BETTER = ("loss", "latency", "seconds", "diff", "drop", "size_mb")
 # Params that always differ or say nothing about the result.
 IGNORED_PARAMS = ("data.root",)
+
+
+def open_store(cfg: MLflow):
+    """MLflow's client on the existing store, with the store's lock."""
+    uri = tracking.tracking_uri(cfg)
+    db = tracking.sqlite_file(uri)
+    if db is not None and not db.exists():
+        raise StageError(f"mlflow: no store at {db} yet (run the pipeline first)")
+    tracking.check_store(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri), tracking.store_lock(uri)
+
+
+def runs_frame(cfg: MLflow) -> pd.DataFrame:
+    """Every live run of the configured experiment: params.*, metrics.*, tags.* columns."""
+    name = tracking.experiment_name(cfg)
+    mlflow, client, lock = open_store(cfg)
+    try:
+        with lock:  # opening the store may migrate its schema
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise StageError(f"mlflow: no experiment '{name}' in {tracking.tracking_uri(cfg)}")
+            return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(f"mlflow: {tracking.tracking_uri(cfg)}: {first_line(exc)}") from None
+
+
+def register_champion(cfg: MLflow, run_id: str, name: str, alias: str = "champion") -> str:
+    """Register the run's PyTorch model under `name` and point `alias` at it; the version."""
+    mlflow, client, lock = open_store(cfg)
+    try:
+        with lock:
+            run = client.get_run(run_id)
+            found = client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{tracking.PYTORCH_MODEL}'",
+            )
+            if not found:
+                raise StageError(
+                    f"mlflow: run {run_id} has no logged PyTorch model (run the evaluate "
+                    "stage, or python -m stages.tracking sync)"
+                )
+            version = mlflow.register_model(found[0].model_uri, name)
+            client.set_registered_model_alias(name, alias, version.version)
+            return str(version.version)
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(f"mlflow: {tracking.tracking_uri(cfg)}: {first_line(exc)}") from None
 
 
 def lower_is_better(metric: str) -> bool:
@@ -127,7 +181,7 @@ def main(argv: list[str]) -> None:
     logs.setup("compare")
     args = parse_args(argv)
     cfg = load_params().mlflow
-    frame = table(tracking.runs_frame(cfg), args.sort, args.ascending)
+    frame = table(runs_frame(cfg), args.sort, args.ascending)
     text = markdown(frame)
     sys.stdout.write(text)
     if args.csv:
@@ -141,7 +195,7 @@ def main(argv: list[str]) -> None:
         if ranked.empty:
             raise StageError(f"compare: no run has a value for {args.sort}")
         best = ranked.iloc[0]
-        version = tracking.register_champion(cfg, best["run_id"], args.register)
+        version = register_champion(cfg, best["run_id"], args.register)
         log.info(
             "registered run %s (%s %s) as %s version %s, alias champion: models:/%s@champion",
             best["run"],

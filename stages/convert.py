@@ -87,46 +87,34 @@ def quantize(
     )
 
 
-def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
-    """Share of images where two models pick the same class."""
-    return float((reference.argmax(1) == logits.argmax(1)).mean())
-
-
 def score_ir(xml: Path, test: datasets.Split, reference: np.ndarray) -> dict[str, float]:
     """Test accuracy of an IR and how often it picks PyTorch's class."""
     logits = runtimes.logits(runtimes.openvino(xml), test.images)
     labels = test.labels.numpy()
     return {
         "accuracy": float((logits.argmax(1) == labels).mean()),
-        "agreement": agreement(reference, logits),
+        "agreement": runtimes.agreement(reference, logits),
     }
 
 
-def size_mb(xml: Path) -> float:
-    """Size on disk of an IR: the .xml graph plus the .bin weights."""
-    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
-
-
-def check_int8(metrics: dict[str, float], cfg: OpenVINO) -> None:
+def check_int8(drop: float, accuracy_int8: float, cfg: OpenVINO) -> None:
     """Refuse an INT8 model that lost more test accuracy than openvino.max_accuracy_drop."""
-    drop = metrics["accuracy_pytorch"] - metrics["accuracy_int8"]
     if drop > cfg.max_accuracy_drop + EPSILON:
         hint = "" if cfg.accuracy_aware else " (try openvino.accuracy_aware: true)"
         raise StageError(
-            f"convert: INT8 accuracy {metrics['accuracy_int8']:.4f} is {drop * 100:.2f} "
-            f"points below PyTorch's {metrics['accuracy_pytorch']:.4f}, more than "
+            f"convert: INT8 accuracy {accuracy_int8:.4f} is {drop * 100:.2f} points below "
+            f"PyTorch's {accuracy_int8 + drop:.4f}, more than "
             f"openvino.max_accuracy_drop={cfg.max_accuracy_drop:g}{hint}"
         )
 
 
 def main(params: Params) -> None:
-    """Write models/openvino/ (FP16 + INT8 IR) and their accuracy against PyTorch."""
+    """Write models/openvino/ (FP16 + INT8 IR) and their test accuracy against PyTorch."""
     import openvino as ov
 
-    logs.setup("convert")
+    log = logs.setup("convert")
     cfg = params.openvino
-    with tracking.Tracker(params.mlflow, "convert") as tracker:
-        tracker.attach(params)
+    with tracking.Recorder("convert", params):
         if not paths.ONNX.exists():
             raise StageError(f"{paths.ONNX}: not found (run the export stage first)")
         test = datasets.load_split("test")
@@ -137,11 +125,9 @@ def main(params: Params) -> None:
         if cfg.accuracy_aware:
             images = validation_images(datasets.load_split("val"), train, cfg, params.seed)
             validation = agreement_items(pytorch, images)
-        metrics: dict[str, float] = {
-            "accuracy_pytorch": float((reference.argmax(1) == test.labels.numpy()).mean())
-        }
+        accuracy_pytorch = float((reference.argmax(1) == test.labels.numpy()).mean())
         # The whole folder is built aside and swapped in only after the accuracy gate:
-        # a failed gate leaves the previous IR (or none) for benchmark to pick up.
+        # a failed gate leaves no IR for benchmark to pick up.
         with atomic_dir(paths.OPENVINO) as tmp:
             ov_model = ov.convert_model(str(paths.ONNX))
             variants: dict[str, Path] = {}
@@ -154,32 +140,22 @@ def main(params: Params) -> None:
             int8 = quantize(ov.convert_model(str(paths.ONNX)), calibration, cfg, validation)
             variants["int8"] = tmp / paths.IR_INT8.name
             ov.save_model(int8, variants["int8"])
-            for name, xml in variants.items():
-                scored = score_ir(xml, test, reference)
-                metrics[f"accuracy_{name}"] = scored["accuracy"]
-                metrics[f"agreement_{name}"] = scored["agreement"]
-                metrics[f"size_mb_{name}"] = size_mb(xml)
-            metrics["int8_accuracy_drop"] = metrics["accuracy_pytorch"] - metrics["accuracy_int8"]
-            check_int8(metrics, cfg)
+            scored = {name: score_ir(xml, test, reference) for name, xml in variants.items()}
+            metrics = {f"accuracy_{name}": s["accuracy"] for name, s in scored.items()}
+            metrics["int8_accuracy_drop"] = accuracy_pytorch - metrics["accuracy_int8"]
+            check_int8(metrics["int8_accuracy_drop"], metrics["accuracy_int8"], cfg)
             precision = runtimes.openvino_precision(variants["fp16"])
-        metrics["calibration_size"] = len(calibration)
-        metrics["count"] = len(test)
-        write_json(
-            paths.CONVERT_METRICS,
-            {**metrics, "accuracy_aware": cfg.accuracy_aware, "inference_precision": precision},
-        )
-        tracker.log_params(params.flat("openvino"))
-        tracker.log_metrics(tracking.prefixed("convert", metrics))
-        tracker.log_artifacts(paths.OPENVINO, "openvino")
+        write_json(paths.CONVERT_METRICS, metrics)
     log.info(
         "OpenVINO IR (CPU computes in %s): FP16 accuracy %.4f, INT8 accuracy %.4f "
-        "(PyTorch %.4f); %.2f MB -> %.2f MB",
+        "(PyTorch %.4f, INT8 agrees on %.4f); %.2f MB -> %.2f MB",
         precision,
         metrics["accuracy_fp16"],
         metrics["accuracy_int8"],
-        metrics["accuracy_pytorch"],
-        metrics["size_mb_fp16"],
-        metrics["size_mb_int8"],
+        accuracy_pytorch,
+        scored["int8"]["agreement"],
+        runtimes.size_mb(paths.IR_FP16),
+        runtimes.size_mb(paths.IR_INT8),
     )
 
 

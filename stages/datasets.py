@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +14,7 @@ import torch.nn.functional as F
 
 from stages import paths
 from stages.errors import StageError
-from stages.params import Data
-
-log = logging.getLogger(__name__)
+from stages.outputs import load_torch
 
 
 @dataclass
@@ -87,69 +84,6 @@ def content_digest(*arrays: np.ndarray | bytes) -> str:
     return h.hexdigest()
 
 
-def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng) -> np.ndarray:
-    # sklearn.utils.extmath._approximate_mode (BSD-3-Clause) redone draw for draw:
-    # images per class for n_draws, the remainders handed out largest first.
-    continuous = class_counts / class_counts.sum() * n_draws
-    floored = np.floor(continuous)
-    need = int(n_draws - floored.sum())
-    if need > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (tied,) = np.where(remainder == value)
-            add = min(len(tied), need)
-            floored[rng.choice(tied, size=add, replace=False)] += 1
-            need -= add
-            if need == 0:
-                break
-    return floored.astype(int)
-
-
-def stratified_split(
-    split: Split, fraction: float, seed: int, key: str = "fraction"
-) -> tuple[Split, Split]:
-    """Split off `fraction` of the images, the same share of every class, seeded."""
-    labels = split.labels.numpy()
-    if fraction <= 0:
-        return split, split.subset(np.array([], dtype=np.int64))
-    if len(labels) < 2:
-        raise StageError(f"{key}: {len(labels)} image(s) are too few to hold out {fraction}")
-    # The same draws as scikit-learn's train_test_split(test_size=fraction,
-    # random_state=seed, stratify=labels), whose results tests compare against: importing
-    # scikit-learn would cost the stage ~175 MB of memory for this one function.
-    rng = np.random.RandomState(seed)
-    n_held = math.ceil(fraction * len(labels))
-    n_keep = len(labels) - n_held
-    classes, inverse, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
-    # A stratified split needs every class on both sides, which a tiny image folder
-    # cannot give: split those at random instead.
-    if class_counts.min() < 2 or min(n_held, n_keep) < len(classes):
-        log.warning("%s: too few images per class to stratify, splitting at random", key)
-        order = rng.permutation(len(labels))
-        held, keep = order[:n_held], order[n_held:]
-    else:
-        by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(class_counts)[:-1])
-        keep_per_class = _approximate_mode(class_counts, n_keep, rng)
-        held_per_class = _approximate_mode(class_counts - keep_per_class, n_held, rng)
-        keeps, helds = [], []
-        for members, n_k, n_h in zip(by_class, keep_per_class, held_per_class, strict=True):
-            shuffled = members.take(rng.permutation(len(members)), mode="clip")
-            keeps.append(shuffled[:n_k])
-            helds.append(shuffled[n_k : n_k + n_h])
-        keep, held = np.concatenate(keeps), np.concatenate(helds)
-    return split.subset(np.sort(keep)), split.subset(np.sort(held))
-
-
-def make_splits(source: Source, cfg: Data, seed: int) -> dict[str, Split]:
-    """train/val/test: the source's own test split when it has one, else stratified."""
-    train = source.splits["train"]
-    test = source.splits.get("test")
-    if test is None:
-        train, test = stratified_split(train, cfg.test_fraction, seed, "data.test_fraction")
-    train, val = stratified_split(train, cfg.val_fraction, seed, "data.val_fraction")
-    return {"train": train, "val": val, "test": test}
-
-
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images on the 0..1 scale the model sees."""
     # Exact integer sums over chunks: no float copy of the whole split, and no rounding
@@ -180,13 +114,11 @@ def save_split(split: Split, file) -> None:
 def load_split(name: str) -> Split:
     """Read one prepared split; a missing or broken file is a one-line error."""
     file = paths.split_file(name)
+    blob = load_torch(file, "a prepared split", made_by="prepare")
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
         return Split(blob["images"], blob["labels"])
-    except FileNotFoundError:
-        raise StageError(f"{file}: not found (run the prepare stage: dvc repro prepare)") from None
-    except Exception as exc:  # a truncated or foreign file
-        raise StageError(f"{file}: not a prepared split ({exc.__class__.__name__})") from None
+    except (KeyError, TypeError):
+        raise StageError(f"{file}: not a prepared split (no images and labels)") from None
 
 
 def load_meta() -> dict[str, Any]:

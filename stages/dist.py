@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 
+from stages import processes
 from stages.errors import StageError
-
-log = logging.getLogger(__name__)
-
-# stages.launch exports its pid so that workers know which process to outlive no longer.
-LAUNCHER_PID_ENV = "STAGES_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -69,14 +59,6 @@ def local_processes(nproc_per_node: str | int) -> int:
     return int(nproc_per_node)
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def setup(device_preference: str, threads: int) -> Context:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK once and join the process group."""
     rank = _env_int("RANK", 0)
@@ -85,11 +67,11 @@ def setup(device_preference: str, threads: int) -> Context:
     local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
     device = pick_device(device_preference, local_rank)
     if device.type == "cpu":
-        torch.set_num_threads(threads or max(cpu_cores() // local_world_size, 1))
+        torch.set_num_threads(threads or max(processes.usable_cores() // local_world_size, 1))
     else:
         torch.cuda.set_device(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        _exit_with_launcher()
+        processes.exit_with_launcher()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -107,94 +89,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _exit_with_launcher(poll_s: float = 0.5) -> None:
-    # torchrun starts workers in new sessions, so a SIGKILLed launcher (or `dvc repro`
-    # above it) sends them no signal: they would keep training and writing files. Watch
-    # the launcher and leave at once when it is gone.
-    parent = os.getppid()
-    # stages.launch names itself, so a launcher that died before this point (the worker
-    # is already reparented) is caught too.
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher and int(launcher) != parent and not psutil.pid_exists(int(launcher)):
-        _launcher_died()
-    watch_callers(_launcher_died, poll_s, parent)
-
-
-def _launcher_died() -> None:
-    # Printed, not logged: ranks other than 0 filter their log records.
-    print("error: the torchrun launcher died; stopping this worker", file=sys.stderr, flush=True)
-    # os._exit: no atexit handlers or joins that could block on a dead peer; outputs are
-    # written atomically, so nothing is left half-written.
-    os._exit(1)
-
-
-# Shells that run a stage's cmd for DVC (`$SHELL -c cmd`, or `/bin/sh -c cmd`).
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "yash", "fish", "busybox"})
-
-
-def callers(parent: int | None = None) -> list[psutil.Process]:
-    """The parent (this process's, or `parent`) and, through `<shell> -c` wrappers, its callers.
-
-    DVC runs `$SHELL -c cmd`: bash execs a lone command, but dash (Debian's /bin/sh, used
-    when SHELL is unset) stays in between, and a killed `dvc repro` leaves that shell
-    running, so the shell alone cannot tell that the caller has died.
-    """
-    # NoSuchProcess when `parent` is gone already.
-    proc: psutil.Process | None = psutil.Process(os.getppid() if parent is None else parent)
-    chain: list[psutil.Process] = []
-    while proc is not None:
-        chain.append(proc)
-        try:
-            argv = proc.cmdline()
-        except psutil.Error:
-            break
-        if not argv or os.path.basename(argv[0]) not in SHELLS or "-c" not in argv[1:]:
-            break
-        proc = proc.parent()
-    return chain
-
-
-def _gone(proc: psutil.Process) -> bool:
-    # is_running() is False once the pid is gone or reused; a zombie waits to be reaped.
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def watch_callers(
-    on_death: Callable[[], None], poll_s: float = 0.5, parent: int | None = None
-) -> None:
-    """Call `on_death` (from a daemon thread) once the parent or, through shell wrappers,
-    the process that started it (`dvc repro`) has died."""
-    try:
-        chain = callers(parent)
-    except psutil.NoSuchProcess:
-        chain = []  # the parent died before we looked: on_death at once
-
-    def watch() -> None:
-        while chain and not any(_gone(proc) for proc in chain):
-            time.sleep(poll_s)
-        on_death()
-
-    threading.Thread(target=watch, name="caller-watch", daemon=True).start()
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over every process (a no-op in a single process)."""
     if dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-def broadcast(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s Python object, on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def gather(obj: Any) -> list[Any]:

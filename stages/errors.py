@@ -12,6 +12,12 @@ class StageError(Exception):
     """A problem with the user's inputs or settings, reported as one line."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (MLflow's, OpenVINO's can run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def _excepthook(exc_type, exc, tb):
     if issubclass(exc_type, StageError):
         # Printed directly (not through logging): the error must show even on ranks whose

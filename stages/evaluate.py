@@ -1,47 +1,62 @@
-"""Stage evaluate: accuracy and per-class precision/recall/F1 on the test split."""
+"""Stage evaluate: accuracy, loss and per-class precision/recall/F1 on the test split."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+)
 
 from stages import datasets, logs, paths, plots, runtimes, tracking
 from stages.outputs import write_csv, write_json
 from stages.params import Params, load_params
 
 
-def scores(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro F1 and per-class precision/recall/F1/support (scikit-learn)."""
+def scores(
+    labels: np.ndarray, logits: np.ndarray, classes: list[str]
+) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy, cross-entropy and macro F1; and per class precision/recall/F1/support."""
     index = list(range(len(classes)))
+    predicted = logits.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=index, zero_division=0
     )
-    per_class = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
-    }
-    return {
+    shifted = logits - logits.max(1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
+    summary = {
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1.mean()),
-        "count": len(labels),
-        "per_class": per_class,
+        "loss": float(log_loss(labels, probabilities, labels=index)),
     }
+    per_class = [
+        {
+            "class": name,
+            "precision": float(p),
+            "recall": float(r),
+            "f1": float(f),
+            "support": int(s),
+        }
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+    ]
+    return summary, per_class
 
 
 def main(params: Params) -> None:
-    """Score models/model.pt on the test split; write metrics, confusion data and PNG."""
+    """Score models/model.pt on the test split; write metrics, per-class scores, confusion."""
     log = logs.setup("evaluate")
-    with tracking.Tracker(params.mlflow, "evaluate") as tracker:
-        tracker.attach(params)
-        meta = datasets.load_meta()
+    with tracking.Recorder("evaluate", params):
+        classes = datasets.load_meta()["classes"]
         test = datasets.load_split("test")
         model = runtimes.pytorch(paths.MODEL)
-        predicted = runtimes.logits(model, test.images, params.evaluate.batch_size).argmax(1)
+        logits = runtimes.logits(model, test.images, params.evaluate.batch_size)
         labels = test.labels.numpy()
-        classes = meta["classes"]
-        metrics = scores(labels, predicted, classes)
-        matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
-        write_json(paths.EVALUATE_METRICS, metrics)
+        summary, per_class = scores(labels, logits, classes)
+        predicted = logits.argmax(1)
+        write_json(paths.EVALUATE_METRICS, summary)
+        write_csv(paths.PER_CLASS, per_class)
         write_csv(
             paths.CONFUSION,
             [
@@ -49,17 +64,14 @@ def main(params: Params) -> None:
                 for a, p in zip(labels, predicted, strict=True)
             ],
         )
-        plots.save_confusion(matrix, classes, paths.PLOTS / "evaluate" / "confusion.png")
-        tracker.log_params(params.flat("evaluate"))
-        tracker.log_metrics(tracking.prefixed("evaluate", metrics))
-        tracker.log_artifacts(paths.PLOTS / "evaluate", "plots")
-        # The model joins its run here, not in train, where packaging it would slow training.
-        tracker.log_pytorch_model(paths.MODEL)
+        matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
+        plots.save_confusion(matrix, classes, paths.CONFUSION_PNG)
     log.info(
-        "test accuracy %.4f (macro F1 %.4f) on %d images",
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["count"],
+        "test accuracy %.4f (macro F1 %.4f, loss %.4f) on %d images",
+        summary["accuracy"],
+        summary["macro_f1"],
+        summary["loss"],
+        len(labels),
     )
 
 

@@ -11,17 +11,12 @@ import onnx
 import torch
 
 from stages import datasets, logs, models, paths, runtimes, tracking
-from stages.errors import StageError
+from stages.errors import StageError, first_line
 from stages.outputs import atomic_file, write_json
 from stages.params import Export, Params, load_params
 
 log = logging.getLogger("stages.export")
 NAMES = {"input_names": ["images"], "output_names": ["logits"]}
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _legacy(model: torch.nn.Module, example: torch.Tensor, file: Path, cfg: Export) -> None:
@@ -62,13 +57,13 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, file: Path, cfg: Expo
             log.warning(
                 "torch.export could not export the model (%s); falling back to the "
                 "legacy TorchScript exporter",
-                _first_line(exc),
+                first_line(exc),
             )
     try:
         _legacy(model, example, file, cfg)
     except Exception as exc:
         raise StageError(
-            f"export: the model cannot be exported to ONNX ({_first_line(exc)})"
+            f"export: the model cannot be exported to ONNX ({first_line(exc)})"
         ) from None
     return "torchscript"
 
@@ -78,7 +73,7 @@ def check_graph(file: Path) -> None:
     try:
         onnx.checker.check_model(str(file), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise StageError(f"export: the ONNX graph is invalid ({_first_line(exc)})") from None
+        raise StageError(f"export: the ONNX graph is invalid ({first_line(exc)})") from None
     graph = onnx.load(str(file), load_external_data=False).graph
     for value in (*graph.input, *graph.output):
         first = value.type.tensor_type.shape.dim[0]
@@ -95,7 +90,7 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Largest absolute logit difference and the share of equal argmax predictions."""
     return {
         "max_abs_diff": float(np.abs(reference - candidate).max()),
-        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "argmax_agreement": runtimes.agreement(reference, candidate),
     }
 
 
@@ -120,7 +115,6 @@ def verify(file: Path, reference: np.ndarray, images: torch.Tensor, cfg: Export)
     # runtimes.logits feeds batches of 256 and the remainder: two batch sizes, so the
     # dynamic axis is exercised, not only declared.
     result = parity(reference, runtimes.logits(runtimes.onnxruntime(file), images))
-    result["count"] = len(images)
     check_gates(result, cfg)
     return result
 
@@ -129,30 +123,22 @@ def main(params: Params) -> None:
     """Export models/model.pt to models/model.onnx and gate it on parity with PyTorch."""
     logs.setup("export")
     cfg = params.export
-    with tracking.Tracker(params.mlflow, "export") as tracker:
-        tracker.attach(params)
+    with tracking.Recorder("export", params):
         model, config = models.load(paths.MODEL)
         test = datasets.load_split("test")
         reference = runtimes.logits(runtimes.pytorch(paths.MODEL), test.images)
         # Exported to a temporary file and moved into place only when every check passed:
-        # a failed gate leaves the previous model (or none) for convert to pick up.
+        # a failed gate leaves no half-checked model for convert to pick up.
         with atomic_file(paths.ONNX) as tmp:
             exporter = to_onnx(model, models.example_input(config, 2), tmp, cfg)
             result = verify(tmp, reference, test.images, cfg)
-        metrics = {
-            **result,
-            "opset": cfg.opset,
-            "exporter": exporter,
-            "size_mb": paths.ONNX.stat().st_size / 2**20,
-        }
-        write_json(paths.EXPORT_METRICS, metrics)
-        tracker.log_params(params.flat("export"))
-        tracker.log_metrics(tracking.prefixed("export", metrics))
-        tracker.log_onnx_model(paths.ONNX, models.example_input(config, 1))
+        write_json(paths.EXPORT_METRICS, result)
     log.info(
-        "ONNX (%s, opset %d): max |diff| %.2e, argmax agreement %.4f on %d images",
+        "ONNX (%s exporter, opset %d, %.1f MB): max |diff| %.2e, argmax agreement %.4f on %d "
+        "images",
         exporter,
         cfg.opset,
+        paths.ONNX.stat().st_size / 2**20,
         result["max_abs_diff"],
         result["argmax_agreement"],
         len(test),

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from stages import dist, logs
+from stages import dist, logs, processes
 from stages.errors import StageError
 from stages.params import load_params
 
@@ -45,11 +45,11 @@ def main(argv: list[str]) -> None:
     log = logs.setup("launch")
     args = get_args_parser().parse_args(resolve(argv))
     log.info("torchrun: %s process(es) per node, %s node(s)", args.nproc_per_node, args.nnodes)
-    os.environ[dist.LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())
     if str(args.nproc_per_node).isdigit() and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 (with a warning); the workers set their own thread count
-        # (train.threads), this only keeps OpenMP libraries from starting more.
-        share = max(dist.cpu_cores() // int(args.nproc_per_node), 1)
+        # (runtime.threads), this only keeps OpenMP libraries from starting more.
+        share = max(processes.usable_cores() // int(args.nproc_per_node), 1)
         os.environ["OMP_NUM_THREADS"] = str(share)
 
     def parent_died() -> None:
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         log.error("the process that started train (dvc repro) died; stopping the workers")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    dist.watch_callers(parent_died)
+    processes.watch_callers(parent_died)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -74,3 +74,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from stages.__main__ import exit_now
+
+    exit_now()  # the workers have ended: skip tearing PyTorch down

@@ -1,4 +1,8 @@
-"""The model zoo, chosen by `model.name`; every net normalizes its own 0..1 input."""
+"""The model zoo, chosen by `model.name`; every net normalizes its own 0..1 input.
+
+torchvision is imported only by the builders that need it: importing it (and the
+torch._dynamo it pulls in) costs every stage that loads a model about two seconds.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tv
-from torchvision.models.googlenet import BasicConv2d
 
 from stages.errors import StageError
+from stages.outputs import load_torch
 
 
 class Normalize(nn.Module):
@@ -68,6 +71,8 @@ def lenet5(channels: int, size: int, classes: int) -> nn.Module:
 
 def resnet18(channels: int, size: int, classes: int) -> nn.Module:
     """torchvision's ResNet-18 with a 3x3 stem and no stem pooling (CIFAR-style)."""
+    from torchvision import models as tv
+
     net = tv.resnet18(weights=None, num_classes=classes)
     net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -76,6 +81,8 @@ def resnet18(channels: int, size: int, classes: int) -> nn.Module:
 
 def vgg11_bn(channels: int, size: int, classes: int) -> nn.Module:
     """torchvision's VGG-11 (batch norm) with four poolings and a small head."""
+    from torchvision import models as tv
+
     net = tv.vgg11_bn(weights=None, num_classes=classes)
     net.features[0] = nn.Conv2d(channels, 64, 3, padding=1)
     # Five 2x poolings would shrink 28 px to nothing: drop the last one.
@@ -89,6 +96,9 @@ def vgg11_bn(channels: int, size: int, classes: int) -> nn.Module:
 
 def googlenet(channels: int, size: int, classes: int) -> nn.Module:
     """torchvision's GoogLeNet (Inception v1) with a 3x3 stem and no stem pooling."""
+    from torchvision import models as tv
+    from torchvision.models.googlenet import BasicConv2d
+
     net = tv.googlenet(
         weights=None,
         num_classes=classes,
@@ -145,12 +155,9 @@ def example_input(config: dict[str, Any], batch: int = 1) -> torch.Tensor:
 
 def load(file) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (weights + config) in eval mode on the CPU."""
-    try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"{file}: not found (run the train stage first)") from None
-    except Exception as exc:
-        raise StageError(f"{file}: not a saved model ({exc.__class__.__name__})") from None
+    blob = load_torch(file, "a saved model")
+    if not isinstance(blob, dict) or not {"config", "state_dict"} <= blob.keys():
+        raise StageError(f"{file}: not a saved model (no config and weights)")
     model = build(blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["config"]

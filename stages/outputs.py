@@ -1,4 +1,5 @@
-"""Atomic writes: a stage killed mid-write leaves the previous output or none, never half."""
+"""The pipeline's files: atomic writes (a killed stage leaves the previous file or none,
+never half of one) and a guarded torch.load."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from stages.errors import StageError
 
 
 def _umask() -> int:
@@ -60,9 +63,9 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
 
 
 def write_json(file: Path | str, data: dict[str, Any]) -> None:
-    """JSON with sorted keys and a final newline, atomically."""
+    """JSON in the order given (DVC shows metrics in file order) and a final newline, atomically."""
     with atomic_file(file) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_csv(file: Path | str, rows: list[dict[str, Any]]) -> None:
@@ -79,6 +82,18 @@ def save_torch(obj: Any, file: Path | str) -> None:
 
     with atomic_file(file) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch(file: Path | str, what: str, made_by: str = "train") -> Any:
+    """torch.load of tensors and plain values only (no code runs); errors are one line."""
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"{file}: not found (run the {made_by} stage first)") from None
+    except Exception as exc:  # a truncated, foreign or code-carrying file
+        raise StageError(f"{file}: not {what} ({exc.__class__.__name__})") from None
 
 
 def save_figure(fig, file: Path | str) -> None:

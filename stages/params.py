@@ -63,8 +63,6 @@ class Train(Section):
     deterministic: bool
     device: Literal["auto", "cpu", "cuda"]
     nproc_per_node: Literal["auto"] | Positive
-    threads: Annotated[int, Field(ge=0)]
-    resume: bool
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self) -> Train:
@@ -102,10 +100,26 @@ class Benchmark(Section):
 
 
 class MLflow(Section):
+    enabled: bool
     tracking_uri: str
     experiment: Annotated[str, Field(min_length=1)]
     system_metrics: bool
     log_models: bool
+
+
+class Runtime(Section):
+    threads: Annotated[int, Field(ge=0)]
+    resume: bool
+
+
+# Sections that say how the pipeline runs, not what it computes: stages read them, but
+# dvc.yaml lists none of them, so editing them reruns no stage.
+SETTINGS = ("mlflow", "runtime")
+# Keys that moved, so that an old params.yaml (an old experiment) explains itself.
+MOVED = {
+    "train.threads": "runtime.threads",
+    "train.resume": "runtime.resume",
+}
 
 
 class Params(Section):
@@ -118,6 +132,7 @@ class Params(Section):
     openvino: OpenVINO
     benchmark: Benchmark
     mlflow: MLflow
+    runtime: Runtime
 
     def flat(self, *sections: str) -> dict[str, Any]:
         """The given sections as flat `section.key` pairs, the names DVC and MLflow use."""
@@ -131,7 +146,7 @@ class Params(Section):
         return out
 
     def digest(self, *sections: str) -> str:
-        """A stable hash of the given sections (to tell whether a checkpoint still fits)."""
+        """A stable hash of the given sections: the checkpoint key, the MLflow tag."""
         blob = json.dumps(self.flat(*sections), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -157,10 +172,20 @@ def _format(file: Path, exc: ValidationError) -> str:
     return f"{file}: {where or 'top level'}: {_describe(first)}{more}"
 
 
+def _moved(raw: dict[str, Any], file: Path) -> None:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ParamsError(
+                f"{file}: {old}: moved to {new} (a setting: editing it reruns no stage)"
+            )
+
+
 def parse_params(raw: Any, file: Path = paths.PARAMS) -> Params:
     """Validate an already-parsed YAML document."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    _moved(raw, file)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 
 PREPARED = Path("data/prepared")
 META = PREPARED / "meta.json"
@@ -35,8 +37,12 @@ BENCHMARK_METRICS = METRICS / "benchmark.json"
 
 PLOTS = Path("plots")
 TRAIN_HISTORY = PLOTS / "train" / "history.csv"
+TRAIN_CURVES = PLOTS / "train" / "curves.png"
 CONFUSION = PLOTS / "evaluate" / "confusion.csv"
+CONFUSION_PNG = PLOTS / "evaluate" / "confusion.png"
+PER_CLASS = PLOTS / "evaluate" / "per_class.csv"
 BENCHMARK_PLOT = PLOTS / "benchmark" / "runtimes.csv"
+BENCHMARK_PNG = PLOTS / "benchmark" / "runtimes.png"
 
 # The default MLflow store, at the root of the user's repository.
 MLFLOW_DB = "mlflow.db"

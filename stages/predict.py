@@ -21,6 +21,7 @@ import torch
 
 from stages import logs, paths, runtimes, sources
 from stages.errors import StageError
+from stages.outputs import load_torch
 from stages.params import Data
 
 # Images decoded and scored at a time: a folder of any size runs in bounded memory.
@@ -79,12 +80,7 @@ def config_file(model: Path, config: Path | None) -> Path:
 
 def read_config(file: Path) -> dict[str, Any]:
     """channels, image_size and classes from a saved model.pt (its `config` entry)."""
-    try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"{file}: not found (run the train stage first)") from None
-    except Exception as exc:  # a truncated or foreign file
-        raise StageError(f"{file}: not a saved model ({type(exc).__name__})") from None
+    blob = load_torch(file, "a saved model")
     config = blob.get("config") if isinstance(blob, dict) else None
     if not isinstance(config, dict) or not all(key in config for key in CONFIG_KEYS):
         raise StageError(f"{file}: holds no model config ({', '.join(CONFIG_KEYS)})")

@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
 from stages import datasets, logs, paths, sources
+from stages.datasets import Source, Split
+from stages.errors import StageError
 from stages.outputs import atomic_dir, write_json
-from stages.params import Params, load_params
+from stages.params import Data, Params, load_params
+
+log = logging.getLogger(__name__)
+
+
+def stratified_split(
+    split: Split, fraction: float, seed: int, key: str = "fraction"
+) -> tuple[Split, Split]:
+    """Split off `fraction` of the images, the same share of every class, seeded."""
+    labels = split.labels.numpy()
+    if fraction <= 0:
+        return split, split.subset(np.array([], dtype=np.int64))
+    if len(labels) < 2:
+        raise StageError(f"{key}: {len(labels)} image(s) are too few to hold out {fraction}")
+    held = math.ceil(fraction * len(labels))
+    counts = np.unique(labels, return_counts=True)[1]
+    # A stratified split needs every class on both sides, which a tiny image folder
+    # cannot give: split those at random instead.
+    stratify = labels
+    if counts.min() < 2 or min(held, len(labels) - held) < len(counts):
+        log.warning("%s: too few images per class to stratify, splitting at random", key)
+        stratify = None
+    keep, out = train_test_split(
+        np.arange(len(labels)), test_size=held, random_state=seed, stratify=stratify
+    )
+    return split.subset(np.sort(keep)), split.subset(np.sort(out))
+
+
+def make_splits(source: Source, cfg: Data, seed: int) -> dict[str, Split]:
+    """train/val/test: the source's own test split when it has one, else stratified."""
+    train = source.splits["train"]
+    test = source.splits.get("test")
+    if test is None:
+        train, test = stratified_split(train, cfg.test_fraction, seed, "data.test_fraction")
+    train, val = stratified_split(train, cfg.val_fraction, seed, "data.val_fraction")
+    return {"train": train, "val": val, "test": test}
 
 
 def main(params: Params) -> None:
@@ -12,7 +55,7 @@ def main(params: Params) -> None:
     log = logs.setup("prepare")
     cfg = params.data
     source = sources.read(cfg)
-    splits = datasets.make_splits(source, cfg, params.seed)
+    splits = make_splits(source, cfg, params.seed)
     # The splits hold their own copies: drop the unsplit ones (47 MB for MNIST's train).
     source.splits.clear()
     # One split at a time, so only one split exists in both sizes at once.

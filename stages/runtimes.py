@@ -6,33 +6,21 @@ array) to logits, so convert, benchmark and predict treat them alike.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages import models
-from stages.errors import StageError
+from stages import models, processes
+from stages.errors import StageError, first_line
 
 Runtime = Callable[[np.ndarray], np.ndarray]
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def cores(threads: int = 0) -> int:
-    """`threads`, or for 0 the cores this process may run on (its CPU affinity)."""
-    if threads:
-        return threads
-    # os.cpu_count() counts the whole machine; in a container or under taskset the
-    # affinity mask is what we really get, and more threads than that only contend.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    """`threads`, or for 0 the cores this process may run on."""
+    return threads or processes.usable_cores()
 
 
 def pytorch(file: Path, threads: int = 0) -> Runtime:
@@ -60,7 +48,7 @@ def onnxruntime(file: Path, threads: int = 0) -> Runtime:
     try:
         session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for every bad file
-        raise StageError(f"{file}: not a usable ONNX model ({_first_line(exc)})") from None
+        raise StageError(f"{file}: not a usable ONNX model ({first_line(exc, 200)})") from None
     name = session.get_inputs()[0].name
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -84,7 +72,7 @@ def openvino_model(file: Path, threads: int = 0, hint: str = "LATENCY"):
     try:
         return ov.Core().compile_model(str(file), "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
-        raise StageError(f"{file}: not a usable OpenVINO IR ({_first_line(exc)})") from None
+        raise StageError(f"{file}: not a usable OpenVINO IR ({first_line(exc, 200)})") from None
 
 
 def openvino(file: Path, threads: int = 0, hint: str = "LATENCY") -> Runtime:
@@ -120,6 +108,17 @@ def load(file: Path, threads: int = 0) -> Runtime:
             f"{file}: unknown model type '{file.suffix}' (use a .pt, .onnx or OpenVINO .xml file)"
         )
     return loader(file, threads)
+
+
+def size_mb(file: Path) -> float:
+    """Size on disk of a model file (an IR's .xml graph plus its .bin weights)."""
+    files = [file, file.with_suffix(".bin")] if file.suffix == ".xml" else [file]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Share of images where two models' logits pick the same class."""
+    return float((reference.argmax(1) == logits.argmax(1)).mean())
 
 
 def logits(run: Runtime, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:

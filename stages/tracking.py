@@ -1,15 +1,31 @@
-"""Every MLflow call of the pipeline: one run per trained model, reopened by later stages.
+"""MLflow: one run per trained model, holding a copy of what its DVC outputs hold.
 
-The train stage (rank 0) starts the run and writes its id to `models/mlflow_run.json`, a
-train output, so whatever DVC restores (a cache hit, `dvc exp apply`) points at the run of
-that very model. Later stages reopen it; when the store no longer has it (a new store, a
-deleted db) the first of them makes a new run tagged with the old id and logs again what
-the DVC outputs hold, and the stages after it find that run by the tag.
-`python -m stages.tracking sync` does the same for every output at once.
+A pipeline result is its DVC outputs (params.yaml, metrics/, plots/, models/); its MLflow
+run is a copy of them to browse and compare. This module, top to bottom:
 
-The train stage talks to MLflow through a helper process (BackgroundTracker): importing
-MLflow and opening its store take seconds of CPU, far more than 2% of a small training
-run, so a helper process does them, and every later call, while the model trains.
+1. Where: MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else SQLite `mlflow.db` at the
+   root of the user's repository (also for queued experiments, which run in temporary
+   copies of it); the experiment is MLFLOW_EXPERIMENT_NAME, else `mlflow.experiment`.
+2. Which run: the train stage draws a run key and writes it to models/mlflow_run.json (a
+   train output; the checkpoint keeps it too, so a resumed training keeps its run). The
+   run is the one tagged with that key; the first stage that finds none makes it. So
+   whatever DVC restores (a cache hit, `dvc exp apply`) names the run of that very model,
+   in any store, and a new store or a deleted mlflow.db fills itself from the outputs.
+3. What: each stage's params sections, metrics files and plots, read from dvc.yaml; the
+   per-epoch history; the prepared data as a dataset input; the PyTorch and ONNX models
+   as MLflow models and the IR files. Only what the run lacks is logged, so logging the
+   same outputs twice changes nothing.
+4. When: each stage runs inside a `Recorder`: a helper process at idle CPU priority (it
+   only gets CPU time the stage leaves unused) that imports MLflow and opens the run
+   while the stage works, logs what earlier stages wrote that the run lacks, takes the
+   train stage's epochs as they end, and logs the stage's own outputs once the stage has
+   written them. The stage waits for it only at its end. The MLflow models are packaged
+   by the helpers of export (PyTorch) and convert (ONNX), while those stages work.
+5. `python -m stages.tracking sync` logs every stage's outputs the same way.
+
+A tracking failure never costs the DVC outputs: a store that cannot be used at all stops a
+stage with one line before any work; a failure after that is one warning, and the stage
+goes on.
 """
 
 from __future__ import annotations
@@ -17,66 +33,41 @@ from __future__ import annotations
 import contextlib
 import csv
 import getpass
-import hashlib
-import itertools
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
-from filelock import FileLock, Timeout
+import yaml
+from filelock import FileLock
 
 from stages import paths
-from stages.errors import StageError
-from stages.params import MLflow, Params
-
-if TYPE_CHECKING:
-    import pandas as pd
+from stages.errors import StageError, first_line
+from stages.params import MLflow, Params, load_params
 
 log = logging.getLogger(__name__)
 
-# Stages in pipeline order: a stage that rebuilds a lost run logs the outputs before it.
-ORDER = ("train", "evaluate", "export", "convert", "benchmark")
-# The params sections each stage reads (as in dvc.yaml), logged by that stage.
-STAGE_PARAMS = {
-    "train": ("seed", "model", "train"),
-    "evaluate": ("evaluate",),
-    "export": ("export",),
-    "convert": ("openvino",),
-    "benchmark": ("benchmark",),
-}
-ORIGIN_TAG = "pipeline.origin_run_id"
+RUN_KEY_TAG = "pipeline.run_key"
 PYTORCH_MODEL = "pytorch-model"
 ONNX_MODEL = "onnx-model"
+# The helper that packages each MLflow model: one of a stage whose own work (an ONNX
+# export, an INT8 calibration) leaves a core idle, so that packaging costs no wall time.
+# `sync` packages any that are missing.
+PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
 SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
-LOCK_TIMEOUT_S = 300
-AGENT_TIMEOUT_S = 600
-AGENT_OPS = frozenset(
-    {
-        "start",
-        "resume",
-        "end",
-        "log_params",
-        "set_tags",
-        "log_metrics",
-        "logged_steps",
-        "log_artifact",
-        "log_artifacts",
-        "log_dataset",
-        "log_pytorch_model",
-        "log_onnx_model",
-    }
-)
+LOCK_TIMEOUT_S = 600
+HELPER_TIMEOUT_S = 900
 
 # Fail fast on a dead server instead of MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -86,7 +77,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-# -- where -----------------------------------------------------------------------------
+# -- 1. where ----------------------------------------------------------------------------
 def repo_root() -> Path:
     """The user's repository: DVC_ROOT in queued experiments (temp copies), else cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
@@ -102,6 +93,11 @@ def tracking_uri(cfg: MLflow) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
     return uri
+
+
+def experiment_name(cfg: MLflow) -> str:
+    """MLFLOW_EXPERIMENT_NAME if set, else mlflow.experiment."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -140,35 +136,68 @@ def check_store(uri: str) -> None:
 def store_lock(uri: str) -> FileLock | contextlib.nullcontext:
     """A lock file beside a SQLite db; nothing for a server, which serializes on its own."""
     # SQLite allows one writer, and MLflow creates and migrates the schema on first open:
-    # two queued experiments doing either at once meet "database is locked" or a half-made
-    # schema. Every store access of ours, reads included, holds this lock. The same object
-    # may be taken again by its holder (FileLock counts), so nested calls cannot deadlock.
+    # two processes doing either at once meet "database is locked" or a half-made schema.
+    # Every store access of ours holds this lock. FileLock counts re-entries by the same
+    # object, so nested uses cannot deadlock.
     db = sqlite_file(uri)
     if db is None:
         return contextlib.nullcontext()
     return FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
-# -- what ------------------------------------------------------------------------------
-def git_tags() -> dict[str, str]:
-    """The commit and dirty flag of the repository the stage runs in."""
+# -- 2. which run ------------------------------------------------------------------------
+def new_run_key() -> str:
+    """A fresh key for the run of a model about to be trained."""
+    return uuid.uuid4().hex
 
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        except OSError:
-            return ""
-        return out.stdout.strip() if out.returncode == 0 else ""
 
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return {}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {
-        "git.commit": commit,
-        "git.dirty": str(dirty).lower(),
-        "mlflow.source.git.commit": commit,
-    }
+def read_run_key() -> str:
+    """The run key of the model in models/, as the train stage recorded it."""
+    try:
+        return str(json.loads(paths.RUN_ID.read_text())["run_key"])
+    except FileNotFoundError:
+        raise StageError(f"{paths.RUN_ID}: not found (run the train stage first)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise StageError(f"{paths.RUN_ID}: not a run record (rerun the train stage)") from None
+
+
+# -- 3. what -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """What MLflow gets of one stage, as dvc.yaml declares it."""
+
+    name: str
+    params: tuple[str, ...]
+    metrics: tuple[Path, ...]
+    files: tuple[Path, ...]
+
+
+def artifact_folder(path: Path) -> str | None:
+    """Where an output goes among the run's artifacts (None: not logged as a file)."""
+    if path == paths.OPENVINO:
+        return "openvino"
+    if path.parts[0] in ("plots", "reports"):
+        return path.parts[0]
+    return None  # inputs of later stages, and the models, which go in as MLflow models
+
+
+def pipeline(file: Path = paths.DVC_YAML) -> list[Stage]:
+    """The stages of dvc.yaml, in order, with their params sections, metrics and files."""
+    stages = yaml.safe_load(file.read_text())["stages"]
+
+    def names(entries: list) -> list[str]:
+        # An entry is a path, or a mapping from a path (or a params file) to its options.
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+    return [
+        Stage(
+            name,
+            tuple(names(spec.get("params", []))),
+            tuple(Path(m) for m in names(spec.get("metrics", []))),
+            tuple(Path(o) for o in names(spec.get("outs", [])) if artifact_folder(Path(o))),
+        )
+        for name, spec in stages.items()
+    ]
 
 
 def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
@@ -212,302 +241,175 @@ def read_history() -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def read_run_file() -> str:
-    """The run the train stage recorded for the model in models/ (or a key for that model)."""
-    # A train stage that could not open a run records null; the model file's hash then
-    # names the run that later stages build, so they still share one.
-    try:
-        run_id = json.loads(paths.RUN_ID.read_text())["run_id"]
-    except FileNotFoundError:
-        raise StageError(f"{paths.RUN_ID}: not found (run the train stage first)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise StageError(f"{paths.RUN_ID}: not a run record (rerun the train stage)") from None
-    if run_id:
-        return str(run_id)
-    digest = hashlib.sha256(paths.MODEL.read_bytes()).hexdigest()[:16]
-    return f"model-{digest}"
+def git_tags() -> dict[str, str]:
+    """The commit and dirty flag of the repository the stage runs in."""
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        except OSError:
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "git.commit": commit,
+        "git.dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+    }
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (MLflow's can run to pages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+class Store:
+    """The MLflow store, and in it the run of the model in models/ (the helper's side)."""
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# -- the in-process tracker -------------------------------------------------------------
-class Tracker:
-    """One MLflow run held open for the duration of a stage (rank 0 only)."""
-
-    def __init__(self, cfg: MLflow, stage: str, uri: str | None = None):
-        self.cfg = cfg
-        self.stage = stage
-        self.uri = uri or tracking_uri(cfg)
-        self.run_id: str | None = None
-        self.healthy = True
-        self.rebuilt = False
-        check_store(self.uri)
-        self._lock = store_lock(self.uri)
-        self._experiment: str | None = None
-        self._params: dict[str, str] = {}
-        self._monitor = None
-        self._ended = False
+    def __init__(self, params: Params, stage: str):
         import mlflow
 
-        self._mlflow = mlflow
-        # MLflow and alembic talk at INFO on import and on opening a db; keep stage logs clean.
+        # MLflow sets its loggers to INFO on import (schema migrations, notices).
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        mlflow.set_tracking_uri(self.uri)
-        # Making the client opens the store: it creates or migrates the schema, so it
-        # holds the lock like every other access.
-        with self._opening():
-            self._client = mlflow.MlflowClient(self.uri)
+        self.params = params
+        self.key = ""
+        self.stage = stage
+        self.uri = tracking_uri(params.mlflow)
+        self.lock = store_lock(self.uri)
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)  # for log_model, which has no client argument
+        # Making the client opens the store, which may create or migrate its schema.
+        with self.lock:
+            self.client = mlflow.MlflowClient(self.uri)
+            self.experiment_id = self._experiment()
+        self.run_id = ""
+        self._monitor = None
 
-    @property
-    def known_run_id(self) -> str | None:
-        """The run id (the in-process tracker always knows it once the run is open)."""
-        return self.run_id
-
-    # -- opening ---------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _opening(self) -> Iterator[None]:
-        # Before the run is open a store problem stops the stage with one line: nothing
-        # has been computed yet that could be lost.
-        try:
-            with self._lock:
-                yield
-        except StageError:
-            raise
-        except Timeout:
-            raise StageError(
-                f"mlflow: {sqlite_file(self.uri)} stayed locked by another process for "
-                f"{LOCK_TIMEOUT_S} s"
-            ) from None
-        except Exception as exc:
-            raise StageError(f"mlflow: {self.uri}: {first_line(exc)}") from None
-
-    def _experiment_id(self) -> str:
-        """The configured experiment, created on first use."""
-        # With the SQLite store its artifacts go to mlruns/ beside the db, never into the
-        # temporary copy a queued experiment runs in.
-        if self._experiment is not None:
-            return self._experiment
-        name = self.cfg.experiment
-        experiment = self._client.get_experiment_by_name(name)
-        if experiment is None:
-            db = sqlite_file(self.uri)
-            location = (db.parent / "mlruns").resolve().as_uri() if db else None
-            try:
-                self._experiment = self._client.create_experiment(name, location)
-            except self._mlflow.exceptions.MlflowException:  # made meanwhile by another
-                self._experiment = self._client.get_experiment_by_name(name).experiment_id
-        elif experiment.lifecycle_stage == "deleted":
+    def _experiment(self) -> str:
+        """The configured experiment, made on first use with its files beside a SQLite db."""
+        name = experiment_name(self.params.mlflow)
+        found = self.client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
             raise StageError(
                 f"mlflow: experiment '{name}' is deleted in {self.uri}; restore it in the "
                 "MLflow UI or set mlflow.experiment to another name"
             )
-        else:
-            self._experiment = experiment.experiment_id
-        return self._experiment
+        if found is not None:
+            return found.experiment_id
+        # Never into the temporary copy a queued experiment runs in: mlruns/ beside the db.
+        db = sqlite_file(self.uri)
+        return self.client.create_experiment(name, (db.parent / "mlruns").as_uri() if db else None)
 
-    def start(self, tags: dict[str, Any], system_metrics: bool = False) -> str:
-        """Start a new run (the train stage) and return its id."""
-        module = "tracking" if self.stage == "sync" else self.stage
-        source = {"mlflow.source.name": f"stages/{module}.py", "mlflow.source.type": "LOCAL"}
-        with contextlib.suppress(Exception):  # no user name in some containers
-            source["mlflow.user"] = getpass.getuser()
-        values = {k: str(v) for k, v in tags.items() if v is not None and v != ""}
-        with self._opening():
-            run = self._client.create_run(
-                self._experiment_id(),
-                tags={**source, **git_tags(), **values},
+    def open_run(self, run_key: str, tags: dict[str, Any]) -> bool:
+        """Reopen the run with this key, or make it; True when it was made now."""
+        self.key = run_key
+        with self.lock:
+            found = self.client.search_runs(
+                [self.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.key}'", max_results=1
+            )
+            if found:
+                self.run_id = found[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                return False
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={**self._origin(), **git_tags(), **{k: str(v) for k, v in tags.items()}},
                 run_name=os.environ.get("DVC_EXP_NAME") or None,
             )
         self.run_id = run.info.run_id
-        self._params = {}
-        self._watch_system(system_metrics, resume=False)
         log.info("MLflow run %s in %s", self.run_id, self.uri)
-        return self.run_id
-
-    def resume(self, run_id: str, system_metrics: bool = False) -> bool:
-        """Reopen an existing run by id; False when the store does not have it."""
-        if not run_id or run_id.startswith("model-"):
-            return False
-        missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-        with self._opening():
-            try:
-                run = self._client.get_run(run_id)
-            except self._mlflow.exceptions.MlflowException as exc:
-                if exc.error_code in missing:
-                    return False
-                raise
-            if run.info.lifecycle_stage == "deleted":
-                return False
-            self._client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
-        self._experiment = run.info.experiment_id
-        self._params = dict(run.data.params)
-        self._watch_system(system_metrics, resume=True)
         return True
 
-    def attach(self, params: Params) -> str:
-        """Reopen the run of the model in models/ (or rebuild it from the DVC outputs)."""
-        origin = read_run_file()
-        if self.resume(origin):
-            return origin
-        with self._opening():
-            found = self._client.search_runs(
-                [self._experiment_id()],
-                filter_string=f"tags.`{ORIGIN_TAG}` = '{origin}'",
-                max_results=1,
-            )
-        if found and self.resume(found[0].info.run_id):
-            return found[0].info.run_id
-        log.warning(
-            "MLflow run %s is not in %s: rebuilding it from the DVC outputs", origin, self.uri
-        )
-        train = read_json(paths.TRAIN_METRICS)
-        self.start(
-            {
-                ORIGIN_TAG: origin,
-                "pipeline.rebuilt_by": self.stage,
-                "dvc.experiment": os.environ.get("DVC_EXP_NAME"),
-                "params.hash": params.digest(*STAGE_PARAMS["train"]),
-                "world_size": train.get("world_size"),
-                "model.name": params.model.name,
-                "data.source": params.data.source,
-            }
-        )
-        self.rebuilt = True
-        self.relog_outputs(params, upto=self.stage)
-        return self.run_id
+    def _origin(self) -> dict[str, str]:
+        tags = {
+            RUN_KEY_TAG: self.key,
+            "mlflow.source.name": f"stages/{self.stage}.py",
+            "mlflow.source.type": "LOCAL",
+            "params.hash": self.params.digest("seed", "model", "train"),
+            "model.name": self.params.model.name,
+            "data.source": self.params.data.source,
+        }
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        with contextlib.suppress(Exception):  # no user name in some containers
+            tags["mlflow.user"] = getpass.getuser()
+        return tags
 
-    def _watch_system(self, enabled: bool, resume: bool) -> None:
-        """MLflow's system metrics (CPU, memory, GPU) for this run, when asked for."""
-        if not enabled:
-            return
+    def watch_system(self) -> None:
+        """MLflow's system metrics (CPU, memory, GPU) while the stage runs, if asked for."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(
-            self.run_id, resume_logging=resume, tracking_uri=self.uri
+            self.run_id, resume_logging=True, tracking_uri=self.uri
         )
         self._monitor.start()
 
-    def end(self, failed: bool = False) -> None:
-        """Close the run (FAILED when the stage failed), with the params/lock snapshot."""
-        if self.run_id is None or self._ended:
-            return
-        self._ended = True
-        # dvc.lock gets this stage's entry only after the stage exits: the snapshot holds
-        # the stages before it (`python -m stages.tracking sync` logs the finished one).
-        if not failed and self.stage != "train":
-            self.log_artifact(paths.PARAMS, "snapshot")
-            self.log_artifact(Path("dvc.lock"), "snapshot")
+    def finish(self, status: str) -> None:
+        """Close the run: FINISHED, or FAILED when the stage failed or was killed."""
         if self._monitor is not None:
             self._monitor.finish()
-            self._monitor = None
-        self._call(self._client.set_terminated, self.run_id, "FAILED" if failed else "FINISHED")
+        with self.lock:
+            self.client.set_terminated(self.run_id, status)
 
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.end(failed=exc_type is not None)
-
-    # -- logging ---------------------------------------------------------------------
-    def fail(self, exc: BaseException) -> None:
-        """Stop logging after the first failure, with one warning that says how to recover."""
-        if self.healthy:
-            self.healthy = False
-            log.warning(
-                "MLflow logging failed (%s); the stage goes on; %s", first_line(exc), SYNC_HINT
-            )
-
-    def _call(self, fn, *args, **kwargs) -> Any:
-        # After the run is open, a tracking failure must never cost the user the trained
-        # model or the DVC outputs: warn once, keep going, and say how to re-sync.
-        if not self.healthy or self.run_id is None:
-            return None
-        try:
-            with self._lock:
-                return fn(*args, **kwargs)
-        except Exception as exc:
-            self.fail(exc)
-            return None
-
-    def _log_batch(self, metrics=(), params=()) -> None:
-        if metrics or params:
-            self._call(self._client.log_batch, self.run_id, metrics=metrics, params=params)
-
-    def _new_params(self, values: dict[str, Any]) -> list:
-        """Param entities for keys the run does not have yet (MLflow params never change)."""
+    # -- logging what the outputs hold -------------------------------------------------
+    def log_params(self, stages: list[Stage]) -> None:
+        """The params sections these stages read, flattened (`train.lr`), once each."""
         from mlflow.entities import Param
 
-        out = []
-        for key, value in values.items():
-            text = str(value)
-            if key not in self._params:
-                out.append(Param(key, text))
-                self._params[key] = text
-            elif self._params[key] != text:
-                log.info(
-                    "MLflow run keeps %s=%s (params are write-once); %s now says %s",
-                    key,
-                    self._params[key],
-                    paths.PARAMS,
-                    text,
-                )
-        return out
+        with self.lock:
+            have = self.client.get_run(self.run_id).data.params
+            new = []
+            for stage in stages:
+                for key, value in self.params.flat(*stage.params).items():
+                    if key not in have:
+                        new.append(Param(key, str(value)))
+                        have[key] = str(value)
+                    elif have[key] != str(value):
+                        log.info("MLflow run keeps %s=%s (params are write-once)", key, have[key])
+            for start in range(0, len(new), 100):  # MLflow's limit per call
+                self.client.log_batch(self.run_id, params=new[start : start + 100])
 
-    def log_params(self, values: dict[str, Any]) -> None:
-        """Log flat params (`train.lr`); values already logged are left as they are."""
-        self._log_batch(params=self._new_params(values))
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Set run tags (values as text)."""
-        for key, value in tags.items():
-            self._call(self._client.set_tag, self.run_id, key, str(value))
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Log numeric metrics (non-numbers are skipped) at an optional step, in one call."""
+    def log_stages(self, stages: list[Stage]) -> None:
+        """Everything these stages' outputs hold that the run lacks."""
         from mlflow.entities import Metric
 
-        now = _now_ms()
-        self._log_batch(
-            metrics=[
-                Metric(key, float(value), now, step or 0)
-                for key, value in metrics.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)
+        self.log_params(stages)
+        names = {s.name for s in stages}
+        if "prepare" in names and paths.META.exists():
+            self.log_dataset(json.loads(paths.META.read_text()))
+        if "train" in names:
+            self.log_epochs(read_history())
+        with self.lock:
+            have = self.client.get_run(self.run_id).data.metrics
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(key, value, now, 0)
+                for stage in stages
+                for file in stage.metrics
+                for key, value in prefixed(stage.name, read_json(file)).items()
+                if have.get(key) != value
             ]
-        )
+            for start in range(0, len(metrics), 1000):  # MLflow's limit per call
+                self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        for stage in stages:
+            for file in stage.files:
+                self.log_files(file, artifact_folder(file))
 
-    def logged_steps(self, key: str) -> set[int]:
-        """Steps already logged for a metric (to skip them when a training run resumes)."""
-        history = self._call(self._client.get_metric_history, self.run_id, key) or []
-        return {m.step for m in history}
+    def log_epochs(self, rows: list[dict[str, float]]) -> None:
+        """Per-epoch curves (`step` = epoch) for the epochs the run does not have yet."""
+        from mlflow.entities import Metric
 
-    def log_artifact(self, file: Path | str, folder: str | None = None) -> None:
-        """One file under `folder` of the run's artifacts (skipped when missing)."""
-        if Path(file).is_file():
-            self._call(self._client.log_artifact, self.run_id, str(file), folder)
-
-    def log_artifacts(self, folder: Path | str, dest: str) -> None:
-        """The files of a folder under `dest`, without hidden ones (DVC's .gitignore)."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            return
-        files = [f.relative_to(folder) for f in sorted(folder.rglob("*")) if f.is_file()]
-        visible = [f for f in files if not any(part.startswith(".") for part in f.parts)]
-        if len(visible) == len(files):  # one call for the whole folder
-            self._call(self._client.log_artifacts, self.run_id, str(folder), dest)
-            return
-        for file in visible:
-            where = dest if file.parent == Path(".") else f"{dest}/{file.parent.as_posix()}"
-            self.log_artifact(folder / file, where)
+        with self.lock:
+            done = {m.step for m in self.client.get_metric_history(self.run_id, "train/loss")}
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(name, value, now, int(row["epoch"]))
+                for row in rows
+                if int(row["epoch"]) not in done
+                for name, value in epoch_metrics(row).items()
+            ]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_dataset(self, meta: dict[str, Any]) -> None:
         """The prepared data as an MLflow dataset input: source, digest, split counts."""
@@ -521,79 +423,92 @@ class Tracker:
             profile=json.dumps(meta.get("counts", {})),
         )
         entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
-        self._call(self._client.log_inputs, self.run_id, datasets=[entry])
+        with self.lock:
+            self.client.log_inputs(self.run_id, datasets=[entry])
+
+    def log_files(self, path: Path, folder: str) -> None:
+        """A file, or a folder's visible files, under `folder`: those the run lacks."""
+        if path.is_dir():  # without hidden files (DVC's .gitignore)
+            files = [
+                f
+                for f in sorted(path.rglob("*"))
+                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            ]
+        else:
+            files = [path] if path.is_file() else []
+        with self.lock:
+            for file in files:
+                where = folder
+                if path.is_dir() and file.parent != path:
+                    where = f"{folder}/{file.parent.relative_to(path).as_posix()}"
+                have = {f.path: f.file_size for f in self.client.list_artifacts(self.run_id, where)}
+                if have.get(f"{where}/{file.name}") != file.stat().st_size:
+                    self.client.log_artifact(self.run_id, str(file), where)
+
+    def log_model(self, name: str) -> None:
+        """One of the pipeline's MLflow models, packaged once (when mlflow.log_models)."""
+        if not self.params.mlflow.log_models:
+            return
+        if name == PYTORCH_MODEL:
+            self.log_pytorch_model()
+        else:
+            self.log_onnx_model()
 
     def _logged_models(self) -> set[str]:
-        """Names of the MLflow models already linked to this run."""
-        found = self._call(
-            self._client.search_logged_models,
-            experiment_ids=[self._experiment_id()],
-            filter_string=f"source_run_id = '{self.run_id}'",
-        )
-        return {model.name for model in found or []}
+        with self.lock:
+            found = self.client.search_logged_models(
+                [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+            )
+        return {model.name for model in found}
 
-    def _model_experiment(self) -> None:
-        # Model.log files a logged model under the active experiment, not its run's.
-        self._mlflow.set_experiment(experiment_id=self._experiment_id())
-
-    def log_pytorch_model(self, file: Path | str = paths.MODEL) -> None:
-        """models/model.pt as an MLflow 3 logged model, with signature and input example."""
-        # Once per run: a run belongs to one model.pt (both are train outputs), so a rerun
-        # of evaluate on the same model adds no copy.
-        if not self.cfg.log_models or not Path(file).exists():
+    def log_pytorch_model(self) -> None:
+        """models/model.pt as an MLflow model with signature and input example, once."""
+        if not paths.MODEL.exists() or PYTORCH_MODEL in self._logged_models():
             return
-        if PYTORCH_MODEL in self._logged_models():
-            return
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
 
-        def log() -> None:
-            import mlflow.pytorch
-            import torch
-            from mlflow.models import infer_signature
+        from stages import models
 
-            from stages import models
-
-            self._model_experiment()
-            model, config = models.load(file)
-            # Two images, so the saved program (torch.export, MLflow's pt2 format) keeps
-            # a dynamic batch axis instead of specializing to batch 1.
-            example = models.example_input(config, 2)
-            with torch.no_grad():
-                output = model.eval()(example).numpy()
+        model, config = models.load(paths.MODEL)
+        # Two images, so the saved program (torch.export, MLflow's pt2 format) keeps a
+        # dynamic batch axis instead of specializing to batch 1.
+        example = models.example_input(config, 2).numpy()
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        with self.lock:
+            self.mlflow.set_experiment(experiment_id=self.experiment_id)
             mlflow.pytorch.log_model(
                 model,
                 name=PYTORCH_MODEL,
-                signature=infer_signature(example.numpy(), output),
-                input_example=example.numpy(),
+                signature=infer_signature(example, output),
+                input_example=example,
                 # Explicit requirements: inferring them spawns a slow subprocess.
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 run_id=self.run_id,
             )
 
-        self._call(log)
-
-    def log_onnx_model(self, file: Path | str = paths.ONNX, example=None) -> None:
-        """The exported ONNX file as an MLflow 3 logged model linked to the run."""
-        if not self.cfg.log_models or not Path(file).exists():
+    def log_onnx_model(self) -> None:
+        """models/model.onnx as an MLflow model with signature and input example, once."""
+        if not paths.ONNX.exists() or ONNX_MODEL in self._logged_models():
             return
+        import mlflow.onnx
+        import onnx
+        import onnxruntime
+        from mlflow.models import infer_signature
 
-        def log() -> None:
-            import mlflow.onnx
-            import onnx
-            import onnxruntime
-            from mlflow.models import infer_signature
+        from stages import models, runtimes
 
-            from stages import models, runtimes
-
-            self._model_experiment()
-            sample = example
-            if sample is None:
-                sample = models.example_input(models.load(paths.MODEL)[1], 1)
-            output = runtimes.onnxruntime(Path(file))(sample.numpy())
+        example = models.example_input(models.load(paths.MODEL)[1], 1).numpy()
+        output = runtimes.onnxruntime(paths.ONNX)(example)
+        with self.lock:
+            self.mlflow.set_experiment(experiment_id=self.experiment_id)
             mlflow.onnx.log_model(
-                onnx.load(str(file)),
+                onnx.load(str(paths.ONNX)),
                 name=ONNX_MODEL,
-                signature=infer_signature(sample.numpy(), output),
-                input_example=sample.numpy(),
+                signature=infer_signature(example, output),
+                input_example=example,
                 save_as_external_data=False,
                 onnx_execution_providers=["CPUExecutionProvider"],
                 pip_requirements=[
@@ -603,203 +518,121 @@ class Tracker:
                 run_id=self.run_id,
             )
 
-        self._call(log)
+    def log_snapshot(self) -> None:
+        """params.yaml and dvc.lock as they stand (dvc.lock lacks the running stage)."""
+        for file in (paths.PARAMS, paths.DVC_LOCK):
+            self.log_files(file, "snapshot")
 
-    # -- rebuilding ------------------------------------------------------------------
-    def relog_outputs(self, params: Params, upto: str | None = None) -> None:
-        """Log what the DVC outputs of the stages before `upto` hold (all when None)."""
-        # Only what the run lacks is logged (params, epochs, changed final metrics, models),
-        # so syncing twice, or after a partial outage, never duplicates a curve.
-        from mlflow.entities import Metric
 
-        stages = ORDER[: ORDER.index(upto)] if upto in ORDER else ORDER
-        run = self._call(self._client.get_run, self.run_id)
-        if run is None:
+def before(stage: str, stages: list[Stage]) -> list[Stage]:
+    """The stages that run before `stage` in the pipeline."""
+    names = [s.name for s in stages]
+    return stages[: names.index(stage)] if stage in names else stages
+
+
+# -- 4. when: a helper process beside each stage -----------------------------------------
+class Recorder:
+    """A stage's MLflow helper: `with Recorder("evaluate", params): ...`.
+
+    The helper is started at once (or was, by `prestart`); `ready()` waits until it has
+    opened the run and logged what the earlier stages wrote (train and benchmark wait
+    before timing anything); `log_epoch(row)` hands over one epoch; leaving the block
+    waits while the helper logs this stage's outputs (the run is then FINISHED, or FAILED
+    if the block raised).
+    """
+
+    def __init__(self, stage: str, params: Params, run_key: str | None = None, **tags: Any):
+        self._proc = _PRESTARTED.pop(stage, None)
+        self._ready: str | None = ""
+        if not params.mlflow.enabled:
+            self._proc = None  # a prestarted helper ends when its input does
             return
-        self._params.update(run.data.params)
-        have = run.data.metrics
-        now = _now_ms()
-        values: dict[str, Any] = {}
-        metrics: list[Metric] = []
-        for stage in stages:
-            values.update(params.flat(*STAGE_PARAMS[stage]))
-            final = prefixed(stage, read_json(paths.METRICS / f"{stage}.json"))
-            metrics += [Metric(k, v, now, 0) for k, v in final.items() if have.get(k) != v]
-        if "train" in stages:
-            meta = read_json(paths.META)
-            values.update({f"data.{k}": v for k, v in meta.get("params", {}).items()})
-            done = self.logged_steps("train/loss")
-            for row in read_history():
-                epoch = int(row["epoch"])
-                if epoch not in done:
-                    metrics += [Metric(k, v, now, epoch) for k, v in epoch_metrics(row).items()]
-            if meta:
-                self.log_dataset(meta)
-        self._log_batch(metrics=metrics, params=self._new_params(values))
-        for stage in stages:
-            self.log_artifacts(paths.PLOTS / stage, "plots")
-        if "evaluate" in stages:
-            self.log_pytorch_model(paths.MODEL)
-        if "export" in stages and self.cfg.log_models and ONNX_MODEL not in self._logged_models():
-            self.log_onnx_model(paths.ONNX)
-        if "convert" in stages:
-            self.log_artifacts(paths.OPENVINO, "openvino")
+        check_store(tracking_uri(params.mlflow))
+        header = {"run_key": run_key or read_run_key(), "tags": tags}
+        self._proc = self._proc or start_helper(stage)
+        self._ready = None
+        self._send(json.dumps(header))
 
+    def ready(self) -> None:
+        """Wait until the run is open; a store that cannot be used stops the stage here."""
+        if self._ready is None:
+            self._ready = self._proc.stdout.readline().strip()
+        if self._ready.startswith("error: "):
+            raise StageError(self._ready.removeprefix("error: "))
 
-# -- the train stage's tracker: the same calls, in a helper process ----------------------
-class BackgroundTracker:
-    """Tracker's interface for the train stage, carried out by a helper process."""
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """One finished epoch's row, logged by the helper as CPU time allows."""
+        self._send(json.dumps(row))
 
-    # Calls return at once (a line written to a pipe); the few whose answer training needs
-    # (resume, logged_steps, run_id) wait for it. The helper reports its own failures the
-    # way Tracker does: one warning, and the stage goes on.
-
-    def __init__(self, cfg: MLflow, stage: str):
-        self.cfg = cfg
-        self.stage = stage
-        self.uri = tracking_uri(cfg)
-        check_store(self.uri)
-        self.healthy = True
-        self._run_id: str | None = None
-        self._start_request: int | None = None
-        self._replies: dict[int, dict[str, Any]] = {}
-        self._closed = False
-        self._cond = threading.Condition()
-        self._ids = itertools.count()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "stages.tracking", "agent"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        except OSError as exc:
-            raise StageError(f"mlflow: cannot start the helper process: {exc}") from None
-        self._reader = threading.Thread(target=self._read, name="mlflow-replies", daemon=True)
-        self._reader.start()
-        self._write({"stage": stage, "uri": self.uri, "cfg": cfg.model_dump()})
-
-    def _read(self) -> None:
-        for line in self._proc.stdout:
-            with contextlib.suppress(ValueError), self._cond:
-                reply = json.loads(line)
-                self._replies[reply["id"]] = reply
-                self.healthy = self.healthy and reply["healthy"]
-                self._cond.notify_all()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def _write(self, message: dict[str, Any]) -> bool:
-        try:
-            self._proc.stdin.write(json.dumps(message, default=str) + "\n")
-            self._proc.stdin.flush()
-            return True
-        except (OSError, ValueError):  # the helper is gone
-            self._lost()
-            return False
-
-    def _lost(self) -> None:
-        if self.healthy:
-            self.healthy = False
-            log.warning("the MLflow helper process ended early; the stage goes on; %s", SYNC_HINT)
-
-    def _send(self, op: str, *args: Any, **kwargs: Any) -> int | None:
-        if self._closed or not self.healthy:
-            return None
-        request = next(self._ids)
-        sent = self._write({"id": request, "op": op, "args": args, "kwargs": kwargs})
-        return request if sent else None
-
-    def _wait(self, request: int | None) -> Any:
-        if request is None:
-            return None
-        with self._cond:
-            self._cond.wait_for(lambda: request in self._replies or self._closed)
-            reply = self._replies.get(request)
-        return reply["result"] if reply else None
-
-    @property
-    def known_run_id(self) -> str | None:
-        """The run id if the helper has opened the run already, else None (no waiting)."""
-        if self._run_id is None and self._start_request is not None:
-            with self._cond:
-                reply = self._replies.get(self._start_request)
-            self._run_id = reply["result"] if reply else None
-        return self._run_id
-
-    @property
-    def run_id(self) -> str | None:
-        """The run id, waiting for the helper to open the run (None if it could not)."""
-        if self._run_id is None and self._start_request is not None:
-            self._run_id = self._wait(self._start_request)
-        return self._run_id
-
-    def start(self, tags: dict[str, Any], system_metrics: bool = False) -> None:
-        """Ask the helper to start a run; its id is `run_id` once the helper answered."""
-        self._start_request = self._send("start", tags, system_metrics)
-
-    def resume(self, run_id: str, system_metrics: bool = False) -> bool:
-        """Tracker.resume, waiting for the helper's answer."""
-        resumed = bool(self._wait(self._send("resume", run_id, system_metrics)))
-        if resumed:
-            self._run_id = run_id
-        return resumed
-
-    def logged_steps(self, key: str) -> set[int]:
-        """Tracker.logged_steps, waiting for the helper's answer."""
-        return set(self._wait(self._send("logged_steps", key)) or [])
-
-    def log_params(self, values: dict[str, Any]) -> None:
-        """Tracker.log_params, in the helper."""
-        self._send("log_params", values)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Tracker.set_tags, in the helper."""
-        self._send("set_tags", tags)
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Tracker.log_metrics, in the helper."""
-        self._send("log_metrics", metrics, step)
-
-    def log_artifact(self, file: Path | str, folder: str | None = None) -> None:
-        """Tracker.log_artifact, in the helper."""
-        self._send("log_artifact", str(file), folder)
-
-    def log_artifacts(self, folder: Path | str, dest: str) -> None:
-        """Tracker.log_artifacts, in the helper."""
-        self._send("log_artifacts", str(folder), dest)
-
-    def log_dataset(self, meta: dict[str, Any]) -> None:
-        """Tracker.log_dataset, in the helper."""
-        self._send("log_dataset", meta)
-
-    def log_pytorch_model(self, file: Path | str = paths.MODEL) -> None:
-        """Tracker.log_pytorch_model, in the helper."""
-        self._send("log_pytorch_model", str(file))
-
-    def end(self, failed: bool = False) -> None:
-        """Close the run and wait for the helper to finish what it was given."""
+    def _send(self, line: str) -> None:
         if self._proc is None:
             return
-        self._send("end", failed)
+        with contextlib.suppress(OSError, ValueError):  # the helper is gone: it warned
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+
+    def close(self, ok: bool) -> None:
+        """Let the helper log this stage's outputs (when ok) and close the run; wait for it."""
+        if self._proc is None:
+            return
+        if ok:
+            self._send("done")
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdin.close()
         try:
-            code = self._proc.wait(timeout=AGENT_TIMEOUT_S)
+            self._proc.wait(timeout=HELPER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-            code = self._proc.wait()
-        self._reader.join(timeout=10)
-        if code != 0:
-            self._lost()
-        self._proc = None
+            self._proc.wait()
+            log.warning("the MLflow helper took over %d s; %s", HELPER_TIMEOUT_S, SYNC_HINT)
+            return
+        if (self._ready or "").startswith("error: "):
+            return  # ready() raised it as the stage's error
+        # A failure ready() did not hear of: one warning, and the stage goes on.
+        unread = self._proc.stdout.read().splitlines()
+        error = next((line for line in unread if line.startswith("error: ")), None)
+        if error:
+            log.warning(
+                "MLflow logging failed (%s); the stage goes on; %s",
+                error.removeprefix("error: "),
+                SYNC_HINT,
+            )
 
-    def __enter__(self) -> BackgroundTracker:
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end(failed=exc_type is not None)
+        self.close(ok=exc_type is None)
+
+
+# Helpers started before their stage's module was imported (`python -m stages <stage>`).
+_PRESTARTED: dict[str, subprocess.Popen] = {}
+
+
+def start_helper(stage: str) -> subprocess.Popen:
+    """`python -m stages.tracking record STAGE`, talking over its stdin and stdout."""
+    argv = [sys.executable, "-m", "stages.tracking", "record", stage]
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise StageError(f"mlflow: cannot start the helper process: {exc}") from None
+
+
+def prestart(stage: str, params: Params) -> None:
+    """Start the stage's helper now, so that importing MLflow and opening the store happen
+    while the stage imports PyTorch; the stage's Recorder takes it over."""
+    if params.mlflow.enabled:
+        _PRESTARTED[stage] = start_helper(stage)
+
+
+@contextlib.contextmanager
+def maybe(recorder: Recorder | None) -> Iterator[Recorder | None]:
+    """A context for an optional recorder (None on ranks other than 0)."""
+    if recorder is None:
+        yield None
+        return
+    with recorder:
+        yield recorder
 
 
 class _Stopped(BaseException):
@@ -810,154 +643,108 @@ def _stop(signum: int, frame: Any) -> None:
     raise _Stopped
 
 
-def agent() -> None:
-    """`python -m stages.tracking agent`: carry out a BackgroundTracker's calls in order."""
+def _idle_priority() -> None:
+    # The helper may use only CPU time the stage leaves unused (SCHED_IDLE on Linux, the
+    # lowest nice level elsewhere), so it never slows training or a measurement.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+
+
+def record(stage: str) -> None:
+    """`python -m stages.tracking record STAGE`: the helper behind a Recorder.
+
+    Its input: one line {"run_key", "tags"}, then one line per finished epoch (train), then
+    "done" once the stage has written its outputs; an input that ends before "done" means
+    the stage failed or died. Its output: "ready" once the run is open, or "error: ...".
+    """
     from stages import logs
 
+    _idle_priority()
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    # Anything a library prints must not garble the replies: stdout now goes to stderr.
+    # Anything a library prints must not garble the reply: stdout now goes to stderr.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # Ctrl-C reaches the whole process group; the stage decides, and tells us by "end".
+    # Ctrl-C reaches the whole process group: the stage decides, and closes our stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # torchrun ends a worker with SIGTERM to its whole group (this helper included): mark
-    # the run FAILED rather than leave it RUNNING forever in the UI.
+    # torchrun ends a worker with SIGTERM to its process group (this helper included).
     signal.signal(signal.SIGTERM, _stop)
-    tracker: Tracker | None = None
+    logs.setup(stage)
+    store: Store | None = None
+    status = "FAILED"
     try:
-        header = json.loads(sys.stdin.readline() or "null")
-        if not header:
-            return
-        logs.setup(header["stage"])
-        try:
-            tracker = Tracker(MLflow(**header["cfg"]), header["stage"], uri=header["uri"])
-        except Exception as exc:
-            log.warning(
-                "MLflow logging failed (%s); the stage goes on; %s", first_line(exc), SYNC_HINT
-            )
-        _serve(tracker, replies)
+        params = load_params()
+        stages = pipeline()
+        earlier = before(stage, stages)
+        mine = [s for s in stages if s.name == stage]
+        store = Store(params, stage)
+        header = sys.stdin.readline()
+        if not header:  # the stage ended before it got to its Recorder
+            os._exit(0)
+        header = json.loads(header)
+        if store.open_run(header["run_key"], header["tags"]) and stage != "train":
+            log.warning("MLflow had no run of the model in models/: filling it from the outputs")
+        if stage == "train" and params.mlflow.system_metrics:
+            store.watch_system()
+        store.log_stages(earlier)
+        store.log_params(mine)
+        replies.write("ready\n")
+        if stage in PACKAGED_WITH:
+            store.log_model(PACKAGED_WITH[stage])
+        for line in sys.stdin:
+            if line.strip() != "done":
+                store.log_epochs([json.loads(line)])
+                continue
+            store.log_stages(mine)
+            store.log_snapshot()
+            status = "FINISHED"
+            break
     except _Stopped:
         pass
-    # The stage died (or was ended) without closing its run.
+    except Exception as exc:
+        # The stage hears of it: at ready() it stops (nothing is computed yet), at its
+        # end it warns and goes on (its outputs are written).
+        replies.write(f"error: {exc if isinstance(exc, StageError) else first_line(exc)}\n")
+        store = None
+        with contextlib.suppress(_Stopped):
+            for _ in sys.stdin:  # let the stage finish writing without a broken pipe
+                pass
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if tracker is not None:
-        tracker.end(failed=True)
-    # Skip the interpreter's teardown of MLflow's modules: nothing waits for it, and a
-    # dead stage's helper should not linger.
+    if store is not None and store.run_id:
+        with contextlib.suppress(Exception):
+            store.finish(status)
     sys.stderr.flush()
+    # Skip the interpreter's teardown of MLflow's modules: nothing waits for it.
     os._exit(0)
 
 
-def _serve(tracker: Tracker | None, replies: Any) -> None:
-    """Answer the stage's requests in order until it says "end" or goes away."""
-    for line in sys.stdin:
-        request = json.loads(line)
-        result = None
-        ended = False
-        if tracker is not None and request["op"] in AGENT_OPS:
-            try:
-                result = getattr(tracker, request["op"])(*request["args"], **request["kwargs"])
-            except Exception as exc:
-                tracker.fail(exc)
-            ended = request["op"] == "end"
-        if isinstance(result, set):
-            result = sorted(result)
-        healthy = tracker is not None and tracker.healthy
-        try:
-            replies.write(
-                json.dumps({"id": request["id"], "result": result, "healthy": healthy}) + "\n"
-            )
-        except OSError:  # the stage is gone
-            return
-        if ended:
-            # Everything is committed and answered.
-            return
-
-
-@contextlib.contextmanager
-def maybe(tracker: Tracker | BackgroundTracker | None) -> Iterator[Any]:
-    """A context for an optional tracker (None on ranks other than 0)."""
-    if tracker is None:
-        yield None
-        return
-    with tracker:
-        yield tracker
-
-
-# -- reading the record back: comparison and registry -----------------------------------
-def _reader(cfg: MLflow):
-    """MLflow set to an existing store, with its URI and the store's lock."""
-    uri = tracking_uri(cfg)
-    db = sqlite_file(uri)
-    if db is not None and not db.exists():
-        raise StageError(f"mlflow: no store at {db} yet (run the pipeline first)")
-    check_store(uri)
-    import mlflow
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(uri)
-    return mlflow, uri, store_lock(uri)
-
-
-def runs_frame(cfg: MLflow) -> pd.DataFrame:
-    """Every live run of the configured experiment: params.*, metrics.*, tags.* columns."""
-    mlflow, uri, lock = _reader(cfg)
-    try:
-        with lock:  # opening the store may migrate its schema
-            client = mlflow.MlflowClient(uri)
-            experiment = client.get_experiment_by_name(cfg.experiment)
-            if experiment is None:
-                raise StageError(f"mlflow: no experiment '{cfg.experiment}' in {uri} yet")
-            return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"mlflow: {uri}: {first_line(exc)}") from None
-
-
-def register_champion(cfg: MLflow, run_id: str, name: str, alias: str = "champion") -> str:
-    """Register the run's PyTorch model under `name` and point `alias` at it; the version."""
-    mlflow, uri, lock = _reader(cfg)
-    try:
-        with lock:
-            client = mlflow.MlflowClient(uri)
-            run = client.get_run(run_id)
-            found = client.search_logged_models(
-                experiment_ids=[run.info.experiment_id],
-                filter_string=f"source_run_id = '{run_id}' AND name = '{PYTORCH_MODEL}'",
-            )
-            if not found:
-                raise StageError(
-                    f"mlflow: run {run_id} has no logged PyTorch model (run the evaluate "
-                    "stage, or python -m stages.tracking sync)"
-                )
-            version = mlflow.register_model(found[0].model_uri, name)
-            client.set_registered_model_alias(name, alias, version.version)
-            return str(version.version)
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"mlflow: {uri}: {first_line(exc)}") from None
-
-
-# -- sync ------------------------------------------------------------------------------
+# -- 5. sync -----------------------------------------------------------------------------
 def sync(params: Params) -> str:
-    """Log every DVC output into the model's run (after a tracking outage or into a new store)."""
-    with Tracker(params.mlflow, "sync") as tracker:
-        run_id = tracker.attach(params)
-        if not tracker.rebuilt:  # a rebuilt run has just been given everything
-            tracker.relog_outputs(params)
-        if not tracker.healthy:
-            raise StageError(f"mlflow: the sync into {tracker.uri} failed (see the warning)")
-    return run_id
+    """Log every stage's DVC outputs into the model's run (a new store, after an outage)."""
+    uri = tracking_uri(params.mlflow)
+    check_store(uri)
+    try:
+        store = Store(params, "tracking")
+        store.open_run(read_run_key(), {})
+        store.log_stages(pipeline())
+        for name in (PYTORCH_MODEL, ONNX_MODEL):
+            store.log_model(name)
+        store.log_snapshot()
+        store.finish("FINISHED")
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(f"mlflow: the sync into {uri} failed: {first_line(exc)}") from None
+    return store.run_id
 
 
 def main(argv: list[str]) -> None:
-    """`python -m stages.tracking sync`: re-log the DVC outputs into MLflow."""
-    if argv == ["agent"]:
-        agent()
+    """`python -m stages.tracking sync`: log the DVC outputs into MLflow."""
+    if argv[:1] == ["record"] and len(argv) == 2:
+        record(argv[1])
         return
     from stages import logs
-    from stages.params import load_params
 
     logs.setup("tracking")
     if argv != ["sync"]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import logging
 import math
-import os
 import random
 import sys
 import time
@@ -25,12 +24,9 @@ from tqdm import tqdm
 
 from stages import datasets, dist, logs, models, paths, plots, tracking
 from stages.errors import StageError
-from stages.outputs import save_torch, write_csv, write_json
+from stages.outputs import load_torch, save_torch, write_csv, write_json
 from stages.params import Params, Train, load_params
 
-# Settings that change how fast training runs or how it is launched, not what it computes:
-# a checkpoint written under other values of these still resumes.
-NOT_IN_CHECKPOINT_KEY = ("train.threads", "train.resume", "train.nproc_per_node")
 # The code that defines the training math: a checkpoint written by other code is stale.
 CHECKPOINT_CODE = ("train.py", "models.py", "dist.py", "datasets.py")
 
@@ -228,10 +224,12 @@ def evaluate(
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random generators, for a bit-identical resume."""
+    """This process's random generators, for a bit-identical resume (tensors and numbers)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # As a tensor, so the checkpoint loads with torch.load(weights_only=True).
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -242,7 +240,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what rng_state() saved."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -250,14 +249,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_key(params: Params, meta: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: training params, code, data, world size."""
-    flat = params.flat("seed", "model", "train")
-    for name in NOT_IN_CHECKPOINT_KEY:
-        flat.pop(name)
     code = hashlib.sha256()
     for name in CHECKPOINT_CODE:
         code.update((Path(__file__).parent / name).read_bytes())
     return {
-        "params": hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16],
+        "params": params.digest("seed", "model", "train"),
         "code": code.hexdigest()[:16],
         "data": meta["digest"],
         "world_size": world_size,
@@ -279,14 +275,17 @@ def stale_reason(found: Any, key: dict[str, Any]) -> str | None:
     return None
 
 
-def load_checkpoint(key: dict[str, Any], log) -> dict[str, Any] | None:
-    """The checkpoint in models/ if it was written by this same training, else None."""
+def load_checkpoint(key: dict[str, Any], resume: bool, log: logging.Logger) -> dict | None:
+    """The checkpoint in models/ if resuming is on and it was written by this same training."""
     if not paths.CHECKPOINT.exists():
         return None
+    if not resume:
+        log.info("runtime.resume is false: ignoring %s, training from scratch", paths.CHECKPOINT)
+        return None
     try:
-        ckpt = torch.load(paths.CHECKPOINT, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        log.warning("%s: unreadable (%s); training from scratch", paths.CHECKPOINT, exc)
+        ckpt = load_torch(paths.CHECKPOINT, "a training checkpoint")
+    except StageError as exc:
+        log.warning("%s; training from scratch", exc)
         return None
     reason = stale_reason(ckpt.get("key"), key)
     if reason is not None:
@@ -299,20 +298,32 @@ def load_checkpoint(key: dict[str, Any], log) -> dict[str, Any] | None:
     return ckpt
 
 
-def main(params: Params) -> None:
-    """Train `model.name` on the prepared data; write the model, metrics and history."""
+@dataclass
+class Job:
+    """What one training process works with: its data, model and optimizer state."""
+
+    cfg: Train
+    config: dict[str, Any]
+    train_data: Batches
+    val_data: Batches
+    raw_model: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: DistributedSampler
+    step: StepFn
+    autocast: Callable[[], Any]
+
+
+def setup(params: Params, meta: dict[str, Any], ctx: dist.Context) -> Job:
+    """The data on the training device, the model (DDP when distributed) and its optimizer."""
     cfg = params.train
-    ctx = dist.setup(cfg.device, cfg.threads)
-    log = logs.setup("train", ctx.rank)
-    seed_everything(params.seed, cfg.deterministic)
-    meta = datasets.load_meta()
     config = models.model_config(params.model.name, meta)
     train_data = Batches.on(datasets.load_split("train"), ctx.device)
     val_data = Batches.on(datasets.load_split("val"), ctx.device)
     dtype = amp_dtype(cfg, ctx.device)
     autocast = autocast_for(ctx.device, dtype)
-    tracker = tracking.BackgroundTracker(params.mlflow, "train") if ctx.is_main else None
-
     raw_model = models.build(config).to(ctx.device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
@@ -329,112 +340,144 @@ def main(params: Params) -> None:
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
-
-    key = checkpoint_key(params, meta, ctx.world_size)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(key, log)
-    elif paths.CHECKPOINT.exists():
-        log.info("train.resume is false: ignoring %s, training from scratch", paths.CHECKPOINT)
-    history: list[dict[str, float]] = []
-    start_epoch, run_id = 1, None
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][ctx.rank])
-        history, run_id = ckpt["history"], ckpt.get("run_id")
-        start_epoch = ckpt["epoch"] + 1
-        log.info("resuming from epoch %d of %d (%s)", ckpt["epoch"], cfg.epochs, paths.CHECKPOINT)
-
     model = wrap(raw_model, ctx, cfg.compile)
     step = make_step(model, raw_model, optimizer, scheduler, scaler, cfg, autocast)
+    return Job(
+        cfg, config, train_data, val_data, raw_model, model, optimizer, scheduler, scaler,
+        sampler, step, autocast,
+    )  # fmt: skip
 
-    with tracking.maybe(tracker):
-        if tracker is not None:
-            open_run(tracker, run_id, params, meta, ctx, history)
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            # Each rank counts its own images; unit_scale shows the global count and rate.
-            bar = tqdm(
-                total=len(order),
-                desc=f"epoch {epoch}/{cfg.epochs}",
-                unit="img",
-                disable=not ctx.is_main,
-                file=sys.stderr,
-                leave=False,
-                mininterval=1.0,
-                unit_scale=ctx.world_size,
-            )
-            started = time.perf_counter()
-            totals = train_epoch(model, train_data, order, step, cfg, bar)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            seconds = time.perf_counter() - started
-            bar.close()
-            loss_sum, correct, count = dist.all_reduce_sum(totals).tolist()
-            # Batch-norm statistics are each rank's own after its last forward: take rank
-            # 0's, the ones saved, so that every rank evaluates (and resumes) the same model.
-            dist.broadcast_buffers(raw_model)
-            val_loss, val_acc, val_count = evaluate(
-                raw_model, val_data, ctx, 4 * cfg.batch_size, autocast
-            )
-            row = {
-                "epoch": epoch,
-                "train_loss": loss_sum / count,
-                "train_accuracy": correct / count,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": scheduler.get_last_lr()[0],
-                # Images of all ranks over rank 0's wall time (DDP keeps ranks in step).
-                "images_per_second": count / seconds,
-                "seconds": seconds,
-                "train_images": int(count),
-                "val_images": val_count,
-            }
-            history.append(row)
+
+def restore(job: Job, ckpt: dict[str, Any], rank: int) -> list[dict[str, float]]:
+    """Load a checkpoint's state into the job; the history of the epochs it had done."""
+    job.raw_model.load_state_dict(ckpt["model"])
+    job.optimizer.load_state_dict(ckpt["optimizer"])
+    job.scheduler.load_state_dict(ckpt["scheduler"])
+    job.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][rank])
+    return ckpt["history"]
+
+
+def run_epoch(job: Job, epoch: int, ctx: dist.Context) -> dict[str, float]:
+    """Train one epoch, then score the validation split; the epoch's history row."""
+    cfg = job.cfg
+    job.sampler.set_epoch(epoch)
+    order = list(job.sampler)
+    # Each rank counts its own images; unit_scale shows the global count and rate.
+    bar = tqdm(
+        total=len(order),
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="img",
+        disable=not ctx.is_main,
+        file=sys.stderr,
+        leave=False,
+        mininterval=1.0,
+        unit_scale=ctx.world_size,
+    )
+    started = time.perf_counter()
+    totals = train_epoch(job.model, job.train_data, order, job.step, cfg, bar)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    seconds = time.perf_counter() - started
+    bar.close()
+    loss_sum, correct, count = dist.all_reduce_sum(totals).tolist()
+    # Batch-norm statistics are each rank's own after its last forward: take rank 0's,
+    # the ones saved, so that every rank evaluates (and resumes) the same model.
+    dist.broadcast_buffers(job.raw_model)
+    val_loss, val_acc, val_count = evaluate(
+        job.raw_model, job.val_data, ctx, 4 * cfg.batch_size, job.autocast
+    )
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / count,
+        "train_accuracy": correct / count,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "lr": job.scheduler.get_last_lr()[0],
+        # Images of all ranks over rank 0's wall time (DDP keeps ranks in step).
+        "images_per_second": count / seconds,
+        "seconds": seconds,
+        "train_images": int(count),
+        "val_images": val_count,
+    }
+
+
+def save_checkpoint(job: Job, history: list, key: dict, run_key: str, rngs: list) -> None:
+    """models/checkpoint.pt: everything a killed run needs to go on bit-identically."""
+    save_torch(
+        {
+            "key": key,
+            "run_key": run_key,
+            "epoch": history[-1]["epoch"],
+            "model": job.raw_model.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "scaler": job.scaler.state_dict(),
+            "rng": rngs,
+            "history": history,
+        },
+        paths.CHECKPOINT,
+    )
+
+
+def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """metrics/train.json: the last epoch's scores and the whole run's throughput."""
+    last = history[-1]
+    seconds = sum(row["seconds"] for row in history)
+    images = sum(row["train_images"] for row in history)
+    return {
+        "val_accuracy": last["val_accuracy"],
+        "val_loss": last["val_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "train_loss": last["train_loss"],
+        "images_per_second": images / seconds,
+        "train_seconds": seconds,
+    }
+
+
+def write_outputs(job: Job, history: list[dict[str, float]], run_key: str) -> dict[str, float]:
+    """The model, metrics, history and curves, and the run key (rank 0 only)."""
+    metrics = final_metrics(history)
+    save_torch({"config": job.config, "state_dict": job.raw_model.state_dict()}, paths.MODEL)
+    write_json(paths.TRAIN_METRICS, metrics)
+    write_csv(paths.TRAIN_HISTORY, history)
+    plots.save_history(history, paths.TRAIN_CURVES)
+    write_json(paths.RUN_ID, {"run_key": run_key})
+    return metrics
+
+
+def main(params: Params) -> None:
+    """Train `model.name` on the prepared data; write the model, metrics and history."""
+    ctx = dist.setup(params.train.device, params.runtime.threads)
+    log = logs.setup("train", ctx.rank)
+    seed_everything(params.seed, params.train.deterministic)
+    meta = datasets.load_meta()
+    key = checkpoint_key(params, meta, ctx.world_size)
+    ckpt = load_checkpoint(key, params.runtime.resume, log)
+    run_key = ckpt["run_key"] if ckpt else tracking.new_run_key()
+    recorder = None
+    if ctx.is_main:  # started first: it opens the MLflow run while this process sets up
+        recorder = tracking.Recorder(
+            "train", params, run_key, world_size=ctx.world_size, device=str(ctx.device)
+        )
+    with tracking.maybe(recorder):
+        job = setup(params, meta, ctx)
+        history = restore(job, ckpt, ctx.rank) if ckpt else []
+        if history:
+            log.info("resuming from epoch %d of %d", history[-1]["epoch"], params.train.epochs)
+        if recorder is not None:
+            recorder.ready()  # its start-up never competes with training steps
+            for row in history:  # epochs a kill left unlogged (it skips the others)
+                recorder.log_epoch(row)
+        for epoch in range(len(history) + 1, params.train.epochs + 1):
+            history.append(run_epoch(job, epoch, ctx))
             rngs = dist.gather(rng_state())
             if ctx.is_main:
-                save_torch(
-                    {
-                        "key": key,
-                        "epoch": epoch,
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": rngs,
-                        "history": history,
-                        "run_id": tracker.known_run_id if tracker else None,
-                    },
-                    paths.CHECKPOINT,
-                )
-                log.info(
-                    "epoch %d/%d: loss %.4f, val loss %.4f, val accuracy %.4f, %.0f img/s",
-                    epoch,
-                    cfg.epochs,
-                    row["train_loss"],
-                    val_loss,
-                    val_acc,
-                    row["images_per_second"],
-                )
-                if tracker is not None:
-                    tracker.log_metrics(tracking.epoch_metrics(row), step=epoch)
-
+                save_checkpoint(job, history, key, run_key, rngs)
+                recorder.log_epoch(history[-1])
+                log_epoch(log, history[-1], params.train.epochs)
         if ctx.is_main:
-            metrics = final_metrics(history, cfg, ctx.world_size)
-            save_torch({"config": config, "state_dict": raw_model.state_dict()}, paths.MODEL)
-            write_json(paths.TRAIN_METRICS, metrics)
-            write_csv(paths.TRAIN_HISTORY, history)
-            plots.save_history(history, paths.PLOTS / "train" / "curves.png")
-            write_json(paths.RUN_ID, {"run_id": tracker.run_id if tracker else None})
-            if tracker is not None:
-                tracker.log_metrics(tracking.prefixed("train", metrics))
-                # The MLflow model is logged by evaluate: packaging it here (torch.export)
-                # would cost more than MLflow's 2% budget of training time.
-                tracker.log_artifacts(paths.PLOTS / "train", "plots")
+            metrics = write_outputs(job, history, run_key)
             log.info(
                 "trained %d epochs on %d process(es): val accuracy %.4f, %.0f img/s",
                 len(history),
@@ -445,58 +488,17 @@ def main(params: Params) -> None:
     dist.teardown()
 
 
-def final_metrics(history: list[dict[str, float]], cfg: Train, world_size: int) -> dict:
-    """metrics/train.json: the last epoch's scores and the whole run's throughput."""
-    last = history[-1]
-    seconds = sum(row["seconds"] for row in history)
-    images = sum(row["train_images"] for row in history)
-    return {
-        "train_loss": last["train_loss"],
-        "train_accuracy": last["train_accuracy"],
-        "val_loss": last["val_loss"],
-        "val_accuracy": last["val_accuracy"],
-        "images_per_second": images / seconds,
-        "train_seconds": seconds,
-        "epochs": len(history),
-        "world_size": world_size,
-        "batch_size": cfg.batch_size,
-        "global_batch_size": cfg.batch_size * world_size,
-        "train_images_per_epoch": int(last["train_images"]),
-        "val_images": int(last["val_images"]),
-    }
-
-
-def open_run(
-    tracker: tracking.BackgroundTracker,
-    run_id: str | None,
-    params: Params,
-    meta: dict[str, Any],
-    ctx: dist.Context,
-    history: list[dict[str, float]],
-) -> None:
-    """Reopen the checkpoint's run when resuming, else start one; log params and data."""
-    system = params.mlflow.system_metrics
-    if run_id is None or not tracker.resume(run_id, system_metrics=system):
-        tracker.start(
-            {
-                "dvc.experiment": os.environ.get("DVC_EXP_NAME", ""),
-                "params.hash": params.digest("seed", "model", "train"),
-                "world_size": ctx.world_size,
-                "device": str(ctx.device),
-                "model.name": params.model.name,
-                "data.source": meta["source"],
-            },
-            system_metrics=system,
-        )
-    tracker.log_params(params.flat("seed", "model", "train"))
-    tracker.log_params({f"data.{k}": v for k, v in meta.get("params", {}).items()})
-    tracker.log_dataset(meta)
-    # A kill between a checkpoint and its metrics leaves epochs unlogged: fill them in.
-    # (Asked only when resuming: the answer waits for the MLflow helper.)
-    done = tracker.logged_steps("train/loss") if history else set()
-    for row in history:
-        if int(row["epoch"]) not in done:
-            tracker.log_metrics(tracking.epoch_metrics(row), step=int(row["epoch"]))
+def log_epoch(log: logging.Logger, row: dict[str, float], epochs: int) -> None:
+    """One line per epoch in the stage's log."""
+    log.info(
+        "epoch %d/%d: loss %.4f, val loss %.4f, val accuracy %.4f, %.0f img/s",
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        row["val_accuracy"],
+        row["images_per_second"],
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""Shared fixtures: a tmp copy of the repository with shrunk params, and a trained pipeline.
+"""Shared fixtures: tmp copies of the repository with shrunk params, and two pipelines.
 
 The shrunk params keep every stage real (real digits, real training, ONNX Runtime,
-OpenVINO, NNCF, MLflow on SQLite) but small: one epoch, a short benchmark.
+OpenVINO, NNCF, MLflow on SQLite) but small: two epochs, a short benchmark.
+
+- `trained`: every stage's main() once, in this process, MLflow off (fast tests of the
+  stages' outputs, the params each stage reads, predict, the gates);
+- `pipeline`: one real `dvc repro` in a committed tmp repo, MLflow on (the slow tests of
+  what a user gets: DVC's view, the MLflow run, queued experiments, resync).
+Tests that change outputs work in private copies of either.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +44,9 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }
 
-# Small but real: one epoch on the bundled digits, short measurements.
+# Small but real: two epochs on the bundled digits (curves of two points), short measurements.
 SHRINK: dict[str, dict[str, Any]] = {
-    "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64},
     "openvino": {"calibration_size": 50},
     "benchmark": {"seconds": 0.2, "warmup_iterations": 1, "batch_size": 8, "benchmark_app": False},
 }
@@ -181,32 +188,88 @@ def run_dvc(
 STAGES = ("prepare", "train", "evaluate", "export", "convert", "benchmark")
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tmp repo where every stage ran once (in subprocesses, as DVC runs them).
+class ParamsSpy:
+    """Params that remember which top-level sections a stage reads."""
 
-    Tests that need a model copy it with `clone_trained` instead of training again.
+    def __init__(self, params: Any):
+        self._params = params
+        self.read: set[str] = set()
+
+    def __getattr__(self, name: str):
+        from stages.params import Params
+
+        if name in ("flat", "digest"):
+            method = getattr(self._params, name)
+
+            def recorded(*sections: str):
+                self.read.update(sections)
+                return method(*sections)
+
+            return recorded
+        if name in Params.model_fields:
+            self.read.add(name)
+        return getattr(self._params, name)
+
+
+@dataclass
+class Trained:
+    """A repo where every stage's main() ran once, and the params sections each one read."""
+
+    repo: Path
+    reads: dict[str, set[str]]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    """Every stage's main() in order, in this process, on the shrunk params, MLflow off.
+
+    Tests that change its outputs copy it first (`trained_repo`).
     """
-    path = make_repo(tmp_path_factory.mktemp("trained") / "repo")
-    env = child_env()
-    for stage in STAGES:
-        done = subprocess.run(
-            [sys.executable, "-m", f"stages.{stage}"],
-            cwd=path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert done.returncode == 0, f"{stage} failed:\n{done.stderr[-3000:]}"
-    return path
+    import importlib
+
+    from stages.params import load_params
+
+    path = make_repo(tmp_path_factory.mktemp("trained") / "repo", commit=False)
+    write_params(path, mlflow={"enabled": False})
+    reads: dict[str, set[str]] = {}
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        for stage in STAGES:
+            params = ParamsSpy(load_params())
+            importlib.import_module(f"stages.{stage}").main(params)
+            reads[stage] = params.read
+    finally:
+        os.chdir(old)
+    yield Trained(path, reads)
+
+
+@pytest.fixture(scope="session")
+def trained(trained_run: Trained) -> Path:
+    """The repo of `trained_run`."""
+    return trained_run.repo
 
 
 @pytest.fixture
-def trained_repo(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private copy of the trained repo (outputs and MLflow db included); cwd inside it."""
+def trained_repo(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the trained repo; cwd inside it."""
     dest = tmp_path / "trained"
     shutil.copytree(trained, dest, symlinks=True)
     monkeypatch.chdir(dest)
-    yield dest
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A committed tmp repo after one real `dvc repro` of the whole pipeline, MLflow on."""
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    done = run_dvc(repo, "repro")  # run_dvc passes on no inherited store or DVC variables
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (repo / "repro.log").write_text(done.stdout + done.stderr)
+    return repo
+
+
+def clone(repo: Path, dest: Path) -> Path:
+    """A private copy of a repo, its git history, outputs and MLflow store included."""
+    shutil.copytree(repo, dest, symlinks=True)
+    return dest

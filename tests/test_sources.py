@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages import datasets, sources
+from stages import datasets, prepare, sources
 from stages.datasets import Split
 from stages.errors import StageError
 from stages.params import Data
@@ -410,32 +410,30 @@ def test_prepare_pdf_folder_in_rgb(repo: Path) -> None:
 
 def test_tiny_folder_splits_at_random_instead_of_failing() -> None:
     split = Split(torch.zeros((6, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1, 1]))
-    train, held = datasets.stratified_split(split, 0.2, seed=0)
+    train, held = prepare.stratified_split(split, 0.2, seed=0)
     assert len(train) + len(held) == 6 and len(held) == 2
 
 
 def test_single_image_cannot_be_split() -> None:
     split = Split(torch.zeros((1, 1, 4, 4), dtype=torch.uint8), torch.tensor([0]))
     with pytest.raises(StageError, match=r"data\.test_fraction"):
-        datasets.stratified_split(split, 0.2, seed=0, key="data.test_fraction")
+        prepare.stratified_split(split, 0.2, seed=0, key="data.test_fraction")
 
 
-@pytest.mark.parametrize("trial", range(40))
-def test_stratified_split_draws_as_scikit_learn(trial: int) -> None:
-    """The numpy split holds out exactly the images scikit-learn's train_test_split would."""
-    from sklearn.model_selection import train_test_split
-
-    rng = np.random.default_rng(trial)
-    n, k = int(rng.integers(400, 2000)), int(rng.integers(2, 12))
-    labels = rng.integers(0, k, n)
-    fraction = float(rng.choice([0.05, 0.1, 0.2, 0.33, 0.5]))
-    index = torch.arange(n).view(n, 1, 1, 1)  # images that are their own index
-    keep, held = datasets.stratified_split(Split(index, torch.from_numpy(labels)), fraction, trial)
-    want_keep, want_held = train_test_split(
-        np.arange(n), test_size=fraction, random_state=trial, stratify=labels
+def test_stratified_split_holds_out_each_class_alike_and_is_seeded() -> None:
+    labels = torch.arange(1000) % 7  # 7 classes of 142 or 143 images
+    split = Split(torch.arange(1000).view(1000, 1, 1, 1).to(torch.int64), labels)
+    keep, held = prepare.stratified_split(split, 0.2, seed=3)
+    assert len(held) == 200 and len(keep) == 800
+    assert sorted(keep.images.view(-1).tolist() + held.images.view(-1).tolist()) == list(
+        range(1000)
     )
-    assert keep.images.view(-1).tolist() == sorted(want_keep.tolist())
-    assert held.images.view(-1).tolist() == sorted(want_held.tolist())
+    per_class = torch.bincount(held.labels, minlength=7)
+    assert per_class.min() >= 28 and per_class.max() <= 29  # 20 % of each class
+    again, _ = prepare.stratified_split(split, 0.2, seed=3)
+    other, _ = prepare.stratified_split(split, 0.2, seed=4)
+    assert torch.equal(again.images, keep.images)
+    assert not torch.equal(other.images, keep.images)
 
 
 def test_channel_stats_match_torch_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

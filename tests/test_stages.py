@@ -1,4 +1,5 @@
-"""Each stage's main() on shrunk params in a tmp copy of the repository."""
+"""Each stage's main() on shrunk params (the `trained` run): its outputs, and the params
+sections it reads against what dvc.yaml lists for it."""
 
 from __future__ import annotations
 
@@ -9,30 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
-from stages import benchmark, convert, evaluate, export, paths, prepare, train
-from stages.params import Params, load_params
-
-
-class Recorder:
-    """Params that remember which top-level sections a stage reads."""
-
-    def __init__(self, params: Params):
-        self._params = params
-        self.read: set[str] = set()
-
-    def __getattr__(self, name: str):
-        if name in ("flat", "digest"):
-            method = getattr(self._params, name)
-
-            def recorded(*sections: str):
-                self.read.update(sections)
-                return method(*sections)
-
-            return recorded
-        if name in Params.model_fields:
-            self.read.add(name)
-        return getattr(self._params, name)
+from conftest import ROOT, Trained
+from stages import paths
+from stages.params import SETTINGS, load_params
 
 
 def declared_params() -> dict[str, set[str]]:
@@ -41,13 +21,26 @@ def declared_params() -> dict[str, set[str]]:
     return {name: set(stage.get("params", [])) for name, stage in stages.items()}
 
 
-def test_prepare_writes_uint8_splits_and_meta(repo: Path) -> None:
-    prepare.main(load_params())
-    meta = json.loads(paths.META.read_text())
+def test_each_stage_reads_what_dvc_yaml_lists_plus_settings(trained_run: Trained) -> None:
+    # DVC reruns a stage when the params it lists change, and only then: a stage must read
+    # no experiment param it does not list. The settings sections (where and how runs are
+    # recorded, threads, resume) are read without being listed, so editing them reruns
+    # nothing; dvc.yaml must list none of them.
+    declared = declared_params()
+    assert set(SETTINGS) == {"mlflow", "runtime"}
+    for stage, read in trained_run.reads.items():
+        assert read - set(SETTINGS) == declared[stage], stage
+        assert not declared[stage] & set(SETTINGS), stage
+    assert "runtime" in trained_run.reads["train"]  # threads and resume
+    assert "mlflow" in trained_run.reads["evaluate"]  # the recorder's settings
+
+
+def test_prepare_writes_uint8_splits_and_meta(trained: Path) -> None:
+    meta = json.loads((trained / paths.META).read_text())
     counts = meta["counts"]
     assert sum(counts.values()) == 1797  # every bundled digit lands in exactly one split
     for split in paths.SPLITS:
-        blob = torch.load(paths.split_file(split), weights_only=True)
+        blob = torch.load(trained / paths.split_file(split), weights_only=True)
         assert blob["images"].dtype == torch.uint8
         assert blob["images"].shape[1:] == (1, 28, 28)
         assert len(blob["labels"]) == counts[split]
@@ -56,51 +49,51 @@ def test_prepare_writes_uint8_splits_and_meta(repo: Path) -> None:
     assert len(meta["digest"]) == 64
 
 
-def test_every_stage_main_in_order(repo: Path) -> None:
-    declared = declared_params()
-    read: dict[str, set[str]] = {}
-
-    def run(name: str, module) -> None:
-        recorder = Recorder(load_params())
-        module.main(recorder)
-        read[name] = recorder.read
-
-    run("prepare", prepare)
-    run("train", train)
-    metrics = json.loads(paths.TRAIN_METRICS.read_text())
+def test_train_writes_model_checkpoint_history_and_run_key(trained: Path) -> None:
+    metrics = json.loads((trained / paths.TRAIN_METRICS).read_text())
+    assert next(iter(metrics)) == "val_accuracy"  # the number people look at first
     assert metrics["images_per_second"] > 0
-    assert metrics["world_size"] == 1
-    assert metrics["epochs"] == 1
-    blob = torch.load(paths.MODEL, weights_only=True)
+    blob = torch.load(trained / paths.MODEL, weights_only=True)
     assert blob["config"]["name"] == "cnn"
     assert blob["config"]["classes"] == [str(d) for d in range(10)]
-    assert paths.CHECKPOINT.exists()
-    assert paths.TRAIN_HISTORY.read_text().startswith("epoch,")
+    ckpt = torch.load(trained / paths.CHECKPOINT, weights_only=True)  # no pickled code
+    assert ckpt["epoch"] == 2
+    assert (trained / paths.TRAIN_HISTORY).read_text().startswith("epoch,")
+    key = json.loads((trained / paths.RUN_ID).read_text())["run_key"]
+    assert key == ckpt["run_key"] and len(key) == 32
 
-    run("evaluate", evaluate)
-    scores = json.loads(paths.EVALUATE_METRICS.read_text())
-    assert set(scores["per_class"]) == {str(d) for d in range(10)}
-    # one epoch on digits is already far above chance
-    assert scores["accuracy"] > 0.5
-    assert len(paths.CONFUSION.read_text().splitlines()) == scores["count"] + 1
 
-    run("export", export)
-    parity = json.loads(paths.EXPORT_METRICS.read_text())
-    limits = load_params().export
-    assert parity["max_abs_diff"] <= limits.atol
-    assert parity["argmax_agreement"] >= limits.min_agreement
+def test_evaluate_writes_scores_per_class_and_confusion(trained: Path) -> None:
+    scores = json.loads((trained / paths.EVALUATE_METRICS).read_text())
+    assert list(scores) == ["accuracy", "macro_f1", "loss"]
+    assert scores["accuracy"] > 0.5  # two epochs on digits are far above chance
+    rows = (trained / paths.PER_CLASS).read_text().splitlines()
+    assert rows[0] == "class,precision,recall,f1,support"
+    assert [r.split(",")[0] for r in rows[1:]] == [str(d) for d in range(10)]
+    meta = json.loads((trained / paths.META).read_text())
+    assert sum(int(r.split(",")[-1]) for r in rows[1:]) == meta["counts"]["test"]
+    assert len((trained / paths.CONFUSION).read_text().splitlines()) == meta["counts"]["test"] + 1
 
-    run("convert", convert)
-    converted = json.loads(paths.CONVERT_METRICS.read_text())
-    assert paths.IR_FP16.exists() and paths.IR_INT8.exists()
-    assert converted["accuracy_fp16"] == pytest.approx(scores["accuracy"], abs=0.01)
 
-    run("benchmark", benchmark)
-    speeds = json.loads(paths.BENCHMARK_METRICS.read_text())
-    for runtime in ("pytorch", "onnxruntime", "openvino_fp16", "openvino_int8"):
-        assert speeds[runtime]["latency_ms"] > 0
-        assert speeds[runtime]["throughput"] > 0
+@pytest.mark.parametrize("stage", ["train", "evaluate", "export", "convert", "benchmark"])
+def test_metrics_files_hold_only_numbers(trained: Path, stage: str) -> None:
+    def leaves(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from leaves(item)
+        else:
+            yield value
 
-    # Each stage reads exactly the params sections dvc.yaml lists for it: DVC reruns a stage
-    # when they change, and only then.
-    assert read == declared
+    metrics = json.loads((trained / paths.METRICS / f"{stage}.json").read_text())
+    assert all(isinstance(v, float | int) and not isinstance(v, bool) for v in leaves(metrics))
+
+
+def test_export_and_convert_pass_their_gates(trained: Path) -> None:
+    limits = load_params(trained / paths.PARAMS)
+    parity = json.loads((trained / paths.EXPORT_METRICS).read_text())
+    assert parity["max_abs_diff"] <= limits.export.atol
+    assert parity["argmax_agreement"] >= limits.export.min_agreement
+    converted = json.loads((trained / paths.CONVERT_METRICS).read_text())
+    assert (trained / paths.IR_FP16).exists() and (trained / paths.IR_INT8).exists()
+    evaluated = json.loads((trained / paths.EVALUATE_METRICS).read_text())
+    assert converted["accuracy_fp16"] == pytest.approx(evaluated["accuracy"], abs=0.01)

@@ -20,7 +20,6 @@ from train_helpers import (
     copy_repo,
     finish,
     metrics,
-    mlflow_store,
     prepared_repo,
     python,
     wait_for,
@@ -37,25 +36,17 @@ TINY = {"train": 192, "val": 64, "test": 64}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared repo with a few hundred digits; tests train in copies of it."""
+    """A prepared repo with a few hundred digits and MLflow off; tests train in copies."""
     return prepared_repo(
         tmp_path_factory.mktemp("tiny") / "repo",
         counts=TINY,
         train={"epochs": 2, "warmup_epochs": 1},
-        mlflow={"log_models": False},
+        mlflow={"enabled": False},
     )
 
 
 @pytest.fixture
-def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One MLflow store for every run of these tests, subprocesses included."""
-    uri = mlflow_store(tmp_path_factory.getbasetemp())
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
-
-
-@pytest.fixture
-def copy(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str) -> Path:
+def copy(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the tiny repo, the working directory of the test."""
     repo = copy_repo(tiny, tmp_path / "repo")
     monkeypatch.chdir(repo)
@@ -125,7 +116,7 @@ def test_every_sample_is_evaluated_exactly_once_across_ranks() -> None:
 def test_launcher_watches_the_caller_through_a_shell_wrapper() -> None:
     # What `dvc repro` does when SHELL is unset: `/bin/sh -c cmd`; `; exit` keeps any sh
     # from exec-ing the command, so the shell stays between the caller and the launcher.
-    code = "from stages import dist; print(*[p.pid for p in dist.callers()])"
+    code = "from stages import processes; print(*[p.pid for p in processes.callers()])"
     run = [sys.executable, "-c", code]
     direct = subprocess.run(run, capture_output=True, text=True, check=True)
     assert direct.stdout.split() == [str(os.getpid())]
@@ -156,6 +147,7 @@ def test_bad_train_params_stop_with_one_line(copy: Path) -> None:
     for key, value, expected in (
         ("optimizer", "rmsprop", "train.optimizer: expected 'adamw', 'sgd' or 'adadelta'"),
         ("nproc_per_node", 0, "train.nproc_per_node"),
+        ("threads", 2, "train.threads: moved to runtime.threads"),
         ("warmup_epochs", 5, "warmup_epochs (5) must not exceed epochs (2)"),
         ("amp", "fp8", "train.amp"),
     ):
@@ -164,14 +156,17 @@ def test_bad_train_params_stop_with_one_line(copy: Path) -> None:
             parse_params(bad)
 
 
-def test_checkpoint_key_ignores_speed_settings_only(copy: Path) -> None:
+def test_checkpoint_key_holds_what_changes_the_result_only(copy: Path) -> None:
     params = load_params()
     meta = json.loads(paths.META.read_text())
     key = train.checkpoint_key(params, meta, 1)
-    faster = params.model_copy(
-        update={"train": params.train.model_copy(update={"threads": 7, "nproc_per_node": 3})}
+    settings = params.model_copy(
+        update={
+            "runtime": params.runtime.model_copy(update={"threads": 7, "resume": False}),
+            "mlflow": params.mlflow.model_copy(update={"experiment": "other"}),
+        }
     )
-    assert train.stale_reason(train.checkpoint_key(faster, meta, 1), key) is None
+    assert train.stale_reason(train.checkpoint_key(settings, meta, 1), key) is None
     other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 0.5})})
     assert "params" in train.stale_reason(train.checkpoint_key(other, meta, 1), key)
     assert "2 process(es)" in train.stale_reason(train.checkpoint_key(params, meta, 2), key)
@@ -197,11 +192,11 @@ def test_option_trains(copy: Path, changes: dict[str, Any]) -> None:
     params = load_params()
     train.main(params)
     scores = metrics(copy)
-    assert scores["epochs"] == 2 and scores["world_size"] == 1
-    assert scores["val_images"] == TINY["val"]
+    ckpt = torch.load(paths.CHECKPOINT, weights_only=True)
+    assert [row["val_images"] for row in ckpt["history"]] == [TINY["val"]] * 2
     assert math.isfinite(scores["train_loss"]) and math.isfinite(scores["val_loss"])
     assert scores["val_accuracy"] > 0.2  # 10 classes: well above chance after 2 epochs
-    ckpt = torch.load(paths.CHECKPOINT, weights_only=False)
+    ckpt = torch.load(paths.CHECKPOINT, weights_only=True)
     # The lr the schedule asked for after the last step (2 epochs x 3 steps of 64).
     steps = 3
     expected = params.train.lr * train.lr_factor(2 * steps, params.train, steps)
@@ -233,7 +228,7 @@ def test_changed_params_refuse_the_checkpoint(copy: Path, capfd: pytest.CaptureF
     capfd.readouterr()
 
     # Only speed settings changed: the finished checkpoint is reused, nothing retrains.
-    write_params(copy, train={"threads": 1})
+    write_params(copy, runtime={"threads": 1})
     train.main(load_params())
     assert "resuming from epoch 1 of 1" in capfd.readouterr().err
     assert_same_weights(weights(copy), first)
@@ -243,20 +238,19 @@ def test_changed_params_refuse_the_checkpoint(copy: Path, capfd: pytest.CaptureF
     err = capfd.readouterr().err
     assert "was written with other seed/model/train params; ignoring it" in err
     assert "resuming" not in err
-    ckpt = torch.load(paths.CHECKPOINT, weights_only=False)
+    ckpt = torch.load(paths.CHECKPOINT, weights_only=True)
     assert [row["epoch"] for row in ckpt["history"]] == [1]
     assert ckpt["key"] == train.checkpoint_key(load_params(), json.loads(paths.META.read_text()), 1)
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_identical(tmp_path: Path, store: str) -> None:
+def test_killed_run_resumes_bit_identical_into_the_same_run(tmp_path: Path) -> None:
     # Enough images that an epoch lasts a second or two: the kill lands mid-epoch.
     counts = {"train": 640, "val": 64, "test": 64}
     base = prepared_repo(
         tmp_path / "base",
         counts=counts,
         train={"epochs": 3, "warmup_epochs": 1, "deterministic": True, "augment_shift": 1},
-        mlflow={"log_models": False},
     )
     whole = copy_repo(base, tmp_path / "whole")
     killed = copy_repo(base, tmp_path / "killed")
@@ -266,7 +260,7 @@ def test_killed_run_resumes_bit_identical(tmp_path: Path, store: str) -> None:
     wait_for(ckpt.exists, 240, "the first checkpoint")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    epoch = torch.load(ckpt, weights_only=False)["epoch"]
+    epoch = torch.load(ckpt, weights_only=True)["epoch"]
     assert epoch < 3, "the run ended before it was killed: make it longer"
     assert not (killed / "models/model.pt").exists()
 
@@ -274,5 +268,13 @@ def test_killed_run_resumes_bit_identical(tmp_path: Path, store: str) -> None:
     assert f"resuming from epoch {epoch} of 3" in text
     finish(reference, whole)
     assert_same_weights(weights(killed), weights(whole))
-    history = torch.load(ckpt, weights_only=False)["history"]
+    history = torch.load(ckpt, weights_only=True)["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
+    # One MLflow run, FINISHED, with each epoch logged once, though it was killed.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("vision-pipeline").experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]

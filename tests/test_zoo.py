@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import copy_repo, mlflow_store, prepared_repo
+from train_helpers import copy_repo, prepared_repo
 
 from conftest import write_params
 from stages import convert, evaluate, export, models, paths, train
@@ -32,14 +32,14 @@ def tiny16(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # The INT8 accuracy gate is the convert stage's business (tested there); an
         # untrained net scored on 32 images would trip it at random.
         openvino={"calibration_size": 16, "max_accuracy_drop": 1.0},
-        mlflow={"log_models": False},
+        mlflow={"enabled": False},
     )
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        "cnn",
+        # cnn: the default, through every stage in the `trained` fixture
         "lenet5",
         pytest.param("resnet18", marks=HEAVY),
         pytest.param("vgg11_bn", marks=HEAVY),
@@ -47,15 +47,10 @@ def tiny16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_model_trains_evaluates_exports_and_converts(
-    name: str,
-    tiny16: Path,
-    tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    name: str, tiny16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import openvino as ov
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path_factory.getbasetemp()))
     repo = copy_repo(tiny16, tmp_path / "repo")
     monkeypatch.chdir(repo)
     write_params(repo, model={"name": name})
@@ -63,13 +58,13 @@ def test_model_trains_evaluates_exports_and_converts(
 
     train.main(params)
     scores = json.loads(paths.TRAIN_METRICS.read_text())
-    assert math.isfinite(scores["train_loss"]) and scores["val_images"] == COUNTS["val"]
+    assert math.isfinite(scores["train_loss"])
     model, config = models.load(paths.MODEL)
     assert config["name"] == name
     assert sum(p.numel() for p in model.parameters()) > 0
 
     evaluate.main(params)
-    assert json.loads(paths.EVALUATE_METRICS.read_text())["count"] == COUNTS["test"]
+    assert len(paths.CONFUSION.read_text().splitlines()) == COUNTS["test"] + 1
 
     export.main(params)  # raises when the ONNX parity gates fail
     parity = json.loads(paths.EXPORT_METRICS.read_text())
@@ -77,8 +72,7 @@ def test_model_trains_evaluates_exports_and_converts(
     assert parity["argmax_agreement"] >= params.export.min_agreement
 
     convert.main(params)
-    converted = json.loads(paths.CONVERT_METRICS.read_text())
-    assert converted["count"] == COUNTS["test"]
+    assert set(json.loads(paths.CONVERT_METRICS.read_text())) >= {"accuracy_int8"}
     images = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         expected = model(images).numpy()

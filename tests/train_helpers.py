@@ -126,17 +126,6 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def mlflow_store(base: Path) -> str:
-    """A SQLite MLflow store for the tests' runs, its tables made once (that takes seconds)."""
-    db = base / "train-tests-mlflow.db"
-    uri = f"sqlite:///{db}"
-    if not db.exists():
-        import mlflow
-
-        mlflow.MlflowClient(uri).search_experiments()
-    return uri
-
-
 def metrics(repo: Path) -> dict[str, Any]:
     """metrics/train.json of the repo."""
     return json.loads((repo / "metrics" / "train.json").read_text())

@@ -1,0 +1,99 @@
+"""The processes of a stage: the cores they may use, and who started them.
+
+A killed `dvc repro` (SIGKILL, the OOM killer) sends its stage no signal, and torchrun's
+workers run in sessions of their own: without watching, they would keep training and
+writing files. The launcher watches whatever started it, the workers watch the launcher.
+This lives outside the code a checkpoint is keyed on: how processes are supervised does
+not change what they compute.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+# stages.launch exports its pid so that workers know which process to outlive no longer.
+LAUNCHER_PID_ENV = "STAGES_LAUNCHER_PID"
+# Shells that run a stage's cmd for DVC (`$SHELL -c cmd`, or `/bin/sh -c cmd`).
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "yash", "fish", "busybox"})
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask (a container's, taskset's), not the
+    machine's total, since more threads than that only contend."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def callers(parent: int | None = None) -> list[psutil.Process]:
+    """The parent (this process's, or `parent`) and, through `<shell> -c` wrappers, its callers.
+
+    DVC runs `$SHELL -c cmd`: bash execs a lone command, but dash (Debian's /bin/sh, used
+    when SHELL is unset) stays in between, and a killed `dvc repro` leaves that shell
+    running, so the shell alone cannot tell that the caller has died.
+    """
+    # NoSuchProcess when `parent` is gone already.
+    proc: psutil.Process | None = psutil.Process(os.getppid() if parent is None else parent)
+    chain: list[psutil.Process] = []
+    while proc is not None:
+        chain.append(proc)
+        try:
+            argv = proc.cmdline()
+        except psutil.Error:
+            break
+        if not argv or os.path.basename(argv[0]) not in SHELLS or "-c" not in argv[1:]:
+            break
+        proc = proc.parent()
+    return chain
+
+
+def _gone(proc: psutil.Process) -> bool:
+    # is_running() is False once the pid is gone or reused; a zombie waits to be reaped.
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def watch_callers(
+    on_death: Callable[[], None], poll_s: float = 0.5, parent: int | None = None
+) -> None:
+    """Call `on_death` (from a daemon thread) once the parent or, through shell wrappers,
+    the process that started it (`dvc repro`) has died."""
+    try:
+        chain = callers(parent)
+    except psutil.NoSuchProcess:
+        chain = []  # the parent died before we looked: on_death at once
+
+    def watch() -> None:
+        while chain and not any(_gone(proc) for proc in chain):
+            time.sleep(poll_s)
+        on_death()
+
+    threading.Thread(target=watch, name="caller-watch", daemon=True).start()
+
+
+def exit_with_launcher() -> None:
+    """In a torchrun worker: exit at once when the launcher is gone."""
+    parent = os.getppid()
+    # stages.launch names itself, so a launcher that died before this point (the worker
+    # is already reparented) is caught too.
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher and int(launcher) != parent and not psutil.pid_exists(int(launcher)):
+        _launcher_died()
+    watch_callers(_launcher_died, parent=parent)
+
+
+def _launcher_died() -> None:
+    # Printed, not logged: ranks other than 0 filter their log records.
+    print("error: the torchrun launcher died; stopping this worker", file=sys.stderr, flush=True)
+    # os._exit: no atexit handlers or joins that could block on a dead peer; outputs are
+    # written atomically, so nothing is left half-written.
+    os._exit(1)
