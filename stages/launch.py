@@ -1,6 +1,6 @@
 """torchrun for the train stage, with params checked first and `auto` meaning GPUs-or-1.
 
-`python -m stages.launch [torchrun options] -m stages.train` is torchrun itself (the
+`python -m stages.launch [torchrun options] -m stages train` is torchrun itself (the
 same options, the same rendezvous), with four differences: params.yaml is validated
 before any worker starts, `--nproc-per-node=auto` means every GPU here or a single process
 on a CPU-only machine (torchrun's own `auto` starts one process per CPU core), the workers

@@ -20,7 +20,7 @@ run is a copy of them to browse and compare. This module, top to bottom:
    while the stage works, logs what earlier stages wrote that the run lacks, takes the
    train stage's epochs as they end, and logs the stage's own outputs once the stage has
    written them. The stage waits for it only at its end. The MLflow models are packaged
-   by the helpers of export (PyTorch) and convert (ONNX), while those stages work.
+   by the helpers of evaluate (PyTorch) and convert (ONNX), while those stages work.
 5. `python -m stages.tracking sync` logs every stage's outputs the same way.
 
 A tracking failure never costs the DVC outputs: a store that cannot be used at all stops a
@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 RUN_KEY_TAG = "pipeline.run_key"
 PYTORCH_MODEL = "pytorch-model"
 ONNX_MODEL = "onnx-model"
-# The helper that packages each MLflow model: one of a stage whose own work (an ONNX
-# export, an INT8 calibration) leaves a core idle, so that packaging costs no wall time.
-# `sync` packages any that are missing.
-PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
+# The helper that packages each MLflow model: that of the first stage that reads the
+# model file, while the stage works (the PyTorch model so joins its run with the first
+# evaluation, also in experiments that stop there). `sync` packages any that are missing.
+PACKAGED_WITH = {"evaluate": PYTORCH_MODEL, "convert": ONNX_MODEL}
 SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
 LOCK_TIMEOUT_S = 600
 HELPER_TIMEOUT_S = 900

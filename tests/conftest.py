@@ -12,6 +12,8 @@ Tests that change outputs work in private copies of either.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clone holds that the pipeline needs (outputs, caches and the venv stay behind).
@@ -219,8 +222,26 @@ class Trained:
     reads: dict[str, set[str]]
 
 
+@contextlib.contextmanager
+def built_once(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder that one test process of the session fills and every other one reuses.
+
+    With pytest-xdist each worker is a process of its own with its own session fixtures:
+    the first to get here builds (the block gets True), the others wait and reuse it.
+    """
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by this session's workers, new for each session
+    folder = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        done = folder / ".built"
+        yield folder, not done.exists()
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """Every stage's main() in order, in this process, on the shrunk params, MLflow off.
 
     Tests that change its outputs copy it first (`trained_repo`).
@@ -229,19 +250,25 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 
     from stages.params import load_params
 
-    path = make_repo(tmp_path_factory.mktemp("trained") / "repo", commit=False)
-    write_params(path, mlflow={"enabled": False})
-    reads: dict[str, set[str]] = {}
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        for stage in STAGES:
-            params = ParamsSpy(load_params())
-            importlib.import_module(f"stages.{stage}").main(params)
-            reads[stage] = params.read
-    finally:
-        os.chdir(old)
-    yield Trained(path, reads)
+    with built_once(tmp_path_factory, "trained") as (folder, build):
+        path = folder / "repo"
+        if not build:
+            reads = json.loads((folder / "reads.json").read_text())
+            return Trained(path, {stage: set(read) for stage, read in reads.items()})
+        make_repo(path, commit=False)
+        write_params(path, mlflow={"enabled": False})
+        reads: dict[str, set[str]] = {}
+        old = Path.cwd()
+        os.chdir(path)
+        try:
+            for stage in STAGES:
+                params = ParamsSpy(load_params())
+                importlib.import_module(f"stages.{stage}").main(params)
+                reads[stage] = params.read
+        finally:
+            os.chdir(old)
+        (folder / "reads.json").write_text(json.dumps({k: sorted(v) for k, v in reads.items()}))
+    return Trained(path, reads)
 
 
 @pytest.fixture(scope="session")
@@ -262,11 +289,31 @@ def trained_repo(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A committed tmp repo after one real `dvc repro` of the whole pipeline, MLflow on."""
-    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    done = run_dvc(repo, "repro")  # run_dvc passes on no inherited store or DVC variables
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (repo / "repro.log").write_text(done.stdout + done.stderr)
+    with built_once(tmp_path_factory, "pipeline") as (folder, build):
+        repo = folder / "repo"
+        if build:
+            make_repo(repo)
+            done = run_dvc(repo, "repro")  # passes on no inherited store or DVC variables
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            (repo / "repro.log").write_text(done.stdout + done.stderr)
     return repo
+
+
+EXPERIMENT = "vision-pipeline"
+
+
+def client_for(repo: Path):
+    """An MLflow client on the repo's SQLite store."""
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_of(repo: Path) -> list:
+    """Every run of the pipeline's experiment in the repo's SQLite store."""
+    client = client_for(repo)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
 def clone(repo: Path, dest: Path) -> Path:

@@ -48,6 +48,8 @@ def mlflow_server(root: Path) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # No job runner: its seven helper processes (for GenAI jobs) cost 15 s to start.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,  # its own process group: the workers go down with it
     )
     url = f"http://127.0.0.1:{port}"
@@ -103,8 +105,12 @@ def stage(repo: Path, name: str, url: str, *args: str) -> subprocess.CompletedPr
 
 
 def test_pipeline_logs_through_a_server_that_dies_and_comes_back(tmp_path: Path) -> None:
-    epochs = 30
-    repo = prepared_repo(tmp_path / "repo", counts=COUNTS, train={"epochs": epochs})
+    epochs = 20
+    # No MLflow models: packaging them is tested elsewhere; here the files go through the
+    # server, the plots show that.
+    repo = prepared_repo(
+        tmp_path / "repo", counts=COUNTS, train={"epochs": epochs}, mlflow={"log_models": False}
+    )
     (tmp_path / "server").mkdir()
     with mlflow_server(tmp_path / "server") as url:
         train = python(repo, "-m", "stages.train", env={"MLFLOW_TRACKING_URI": url})
@@ -134,31 +140,18 @@ def test_pipeline_logs_through_a_server_that_dies_and_comes_back(tmp_path: Path)
     assert {"key": "pipeline.run_key", "value": key} in run["data"]["tags"]
 
     with mlflow_server(tmp_path / "server") as url:  # back, on the same database
-        for name in ("evaluate", "export"):  # later stages reach the same run
-            stage(repo, name, url)
         stage(repo, "tracking", url, "sync")
         [run] = runs(url)
         assert run["info"]["run_id"] == run_id
         assert run["info"]["status"] == "FINISHED"
         assert metric_steps(url, run_id, "train/loss") == list(range(1, epochs + 1))
-        assert {"train/images_per_second", "evaluate/accuracy", "export/max_abs_diff"} <= (
-            metric_keys(run)
-        )
+        assert "train/images_per_second" in metric_keys(run)
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         assert params["train.epochs"] == str(epochs)
         # Files go through the server to its artifact store, none into the repository.
         listed = api(url, "GET", "artifacts/list", params={"run_id": run_id, "path": "plots"})
         names = {f["path"] for f in listed.get("files", [])}
-        assert {"plots/curves.png", "plots/confusion.png"} <= names
-        models = api(
-            url,
-            "POST",
-            "logged-models/search",
-            json={"experiment_ids": [run["info"]["experiment_id"]]},
-        )
-        assert sorted(m["info"]["name"] for m in models.get("models", [])) == [
-            "onnx-model", "pytorch-model",
-        ]  # fmt: skip
+        assert {"plots/curves.png", "plots/history.csv"} <= names
     assert not (repo / "mlflow.db").exists()
     assert not (repo / "mlruns").exists()
     assert (tmp_path / "server" / "artifacts").is_dir()

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STAGES, clone, git, run_dvc, write_params
+from conftest import EXPERIMENT, STAGES, client_for, clone, git, run_dvc, runs_of, write_params
 from stages import tracking
 from stages.params import load_params
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = "vision-pipeline"
 FINAL_METRICS = (
     "train/images_per_second",
     "train/val_accuracy",
@@ -35,19 +34,6 @@ FINAL_METRICS = (
 def ran(output: str) -> list[str]:
     """The stages a dvc repro actually ran, from its output."""
     return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
-def client_for(repo: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def runs_of(repo: Path) -> list:
-    """Every run of the pipeline's experiment in the repo's SQLite store."""
-    client = client_for(repo)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
 def artifacts(repo: Path, run_id: str, folder: str | None = None) -> set[str]:

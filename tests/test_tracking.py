@@ -15,24 +15,10 @@ from pathlib import Path
 import pytest
 from train_helpers import free_port
 
-from conftest import ROOT, clone, run_module, write_params
+from conftest import EXPERIMENT, ROOT, client_for, clone, run_module, runs_of, write_params
 from stages import paths, tracking, train
 from stages.errors import StageError
 from stages.params import load_params
-
-EXPERIMENT = "vision-pipeline"
-
-
-def client_for(repo: Path):
-    import mlflow
-
-    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def runs_of(repo: Path) -> list:
-    client = client_for(repo)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
 def steps(repo: Path, run_id: str, key: str) -> list[int]:
@@ -153,8 +139,8 @@ import mlflow  # paid before the start line, so both processes open the store to
 Path(f"ready-{sys.argv[1]}").touch()
 while not Path("go").exists():
     time.sleep(0.01)
-store = tracking.Store(load_params(), f"writer-{sys.argv[1]}", "train")
-store.open_run({"writer": sys.argv[1]})
+store = tracking.Store(load_params(), "train")
+store.open_run(f"writer-{sys.argv[1]}", {"writer": sys.argv[1]})
 for epoch in range(1, 31):
     store.log_epochs([{"epoch": epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.5,
                        "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1,
@@ -197,8 +183,8 @@ def test_system_metrics_are_recorded_when_asked(
 ) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     write_params(trained_repo, mlflow={"enabled": True, "system_metrics": True})
-    store = tracking.Store(load_params(), tracking.read_run_key(), "train")
-    store.open_run({})
+    store = tracking.Store(load_params(), "train")
+    store.open_run(tracking.read_run_key(), {})
     store.watch_system()
     time.sleep(2)
     store.finish("FINISHED")
@@ -217,17 +203,17 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_repeats_nothing(
     shutil.rmtree(repo / "mlruns")
 
     # The first stage that finds no run of this model makes it, with what came before.
-    done = run_module(repo, "-m", "stages.convert")
+    done = run_module(repo, "-m", "stages", "evaluate")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MLflow had no run of the model in models/: filling it" in done.stderr
     [run] = runs_of(repo)
     assert run.data.tags[tracking.RUN_KEY_TAG] == key
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
     assert run.data.params["train.lr"] == "0.002"
-    for name in ("train/images_per_second", "evaluate/accuracy", "convert/accuracy_int8"):
+    for name in ("train/images_per_second", "evaluate/accuracy"):
         assert name in run.data.metrics, name
-    assert "benchmark/pytorch/throughput" not in run.data.metrics
-    assert model_names(repo, run) == [tracking.ONNX_MODEL]  # packaged beside convert
+    assert "export/max_abs_diff" not in run.data.metrics
+    assert model_names(repo, run) == [tracking.PYTORCH_MODEL]  # packaged beside evaluate
 
     # sync adds what the other outputs hold, twice without duplicating anything
     for _ in range(2):
