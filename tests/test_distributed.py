@@ -34,7 +34,16 @@ from train_helpers import (
     weights,
 )
 
-from conftest import DVC, commit_all, dvc_env, make_repo, read_params, run_dvc, write_params
+from conftest import (
+    DVC,
+    built_once,
+    commit_all,
+    dvc_env,
+    make_repo,
+    read_params,
+    run_dvc,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +54,18 @@ DDP = {"nproc_per_node": 2, "epochs": EPOCHS, "warmup_epochs": 1}
 STANDALONE = (*LAUNCH, "--standalone", "--nproc-per-node=2", *TRAIN)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ddp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tmp git repo where `dvc repro train` trained with two gloo processes."""
-    repo = make_repo(tmp_path_factory.mktemp("ddp") / "repo", commit=False)
-    write_params(repo, train=DDP, runtime={"threads": 1})
-    commit_all(repo)
-    done = run_dvc(repo, "repro", "train")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (repo / "repro.log").write_text(done.stdout + done.stderr)
+    with built_once(tmp_path_factory, "ddp") as (folder, build):
+        repo = folder / "repo"
+        if build:
+            make_repo(repo, commit=False)
+            write_params(repo, train=DDP, runtime={"threads": 1})
+            commit_all(repo)
+            done = run_dvc(repo, "repro", "train")
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            (repo / "repro.log").write_text(done.stdout + done.stderr)
     return repo
 
 
@@ -84,8 +96,7 @@ def workers(pid: int, count: int) -> list[psutil.Process]:
             except psutil.Error:  # a short-lived helper (git) that is gone already
                 continue
             # the launcher's own command line ends in the same words
-            is_train = argv[-2:] == ["-m", "stages.train"] or argv[-3:] == ["-m", "stages", "train"]
-            if is_train and "stages.launch" not in argv:
+            if argv[-3:] == list(TRAIN) and "stages.launch" not in argv:
                 procs.append(kid)
         return procs if len(procs) == count else []
 

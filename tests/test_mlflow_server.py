@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from train_helpers import finish, free_port, prepared_repo, python, wait_for
+from train_helpers import TRAIN, finish, free_port, prepared_repo, python, wait_for
 
 from conftest import run_module
 
@@ -113,7 +113,7 @@ def test_pipeline_logs_through_a_server_that_dies_and_comes_back(tmp_path: Path)
     )
     (tmp_path / "server").mkdir()
     with mlflow_server(tmp_path / "server") as url:
-        train = python(repo, "-m", "stages.train", env={"MLFLOW_TRACKING_URI": url})
+        train = python(repo, *TRAIN, env={"MLFLOW_TRACKING_URI": url})
 
         def first_epoch_logged() -> list[dict]:
             found = runs(url)

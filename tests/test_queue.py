@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import client_for, clone, commit_all, run_dvc, run_module
+from conftest import built_once, client_for, clone, commit_all, run_dvc, run_module
 from stages import tracking
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,20 @@ def queue_rows(repo: Path) -> list[tuple[str, str]]:
     return [m.groups() for m in map(ROW.match, done.stdout.splitlines()) if m]
 
 
-@pytest.fixture(scope="module")
-def queued(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list]]:
+@pytest.fixture(scope="session")
+def queued(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     """The reproduced repo (its run in the store) after two queued experiments ran, two
     at a time."""
-    repo = clone(pipeline, tmp_path_factory.mktemp("queue") / "repo")
+    with built_once(tmp_path_factory, "queue") as (folder, build):
+        if build:
+            rows = run_queue(clone(pipeline, folder / "repo"))
+            (folder / "rows.json").write_text(json.dumps(rows))
+        rows = [tuple(row) for row in json.loads((folder / "rows.json").read_text())]
+    return folder / "repo", rows
+
+
+def run_queue(repo: Path) -> list[tuple[str, str]]:
+    """Two experiments queued and run two at a time; (name, status) of each."""
     trim_pipeline(repo)
     commit_all(repo)
     for rate in RATES:
@@ -69,7 +78,7 @@ def queued(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     finally:
         with contextlib.suppress(Exception):
             run_dvc(repo, "queue", "stop", timeout=120)
-    yield repo, rows
+    return rows
 
 
 def test_two_queued_experiments_land_in_the_user_store(queued: tuple[Path, list]) -> None:

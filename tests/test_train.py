@@ -251,8 +251,10 @@ def test_killed_run_resumes_bit_identical_into_the_same_run(tmp_path: Path) -> N
         tmp_path / "base",
         counts=counts,
         train={"epochs": 3, "warmup_epochs": 1, "deterministic": True, "augment_shift": 1},
+        runtime={"threads": 1},  # the two runs side by side share the cores
     )
     whole = copy_repo(base, tmp_path / "whole")
+    write_params(whole, mlflow={"enabled": False})  # the reference needs no record
     killed = copy_repo(base, tmp_path / "killed")
     reference = python(whole, *TRAIN)  # runs alongside: the two share nothing
     victim = python(killed, *TRAIN)

@@ -20,7 +20,8 @@ import torch
 from conftest import child_env, make_repo, write_params
 
 LAUNCH = ("-m", "stages.launch")
-TRAIN = ("-m", "stages.train")
+# As dvc.yaml runs it: the stage runner, which starts the MLflow helper first.
+TRAIN = ("-m", "stages", "train")
 
 
 @contextlib.contextmanager
