@@ -122,21 +122,27 @@ def test_missing_file(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
-def test_stage_exits_with_one_line_before_any_work(repo: Path) -> None:
+ENTRY_POINTS = {
+    "runner": ("-m", "stages", "prepare"),
+    "launcher": ("-m", "stages.launch", "--standalone", "-m", "stages", "train"),
+}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [ENTRY_POINTS["runner"], pytest.param(ENTRY_POINTS["launcher"], marks=pytest.mark.slow)],
+    ids=list(ENTRY_POINTS),
+)
+def test_stage_exits_with_one_line_before_any_work(repo: Path, argv: tuple[str, ...]) -> None:
     # Through the real entry point: no traceback, non-zero exit, nothing written.
     raw = read_params(repo)
     raw["train"]["lr"] = "fast"
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
-    for module in ("stages.prepare", "stages.launch"):
-        args = ["-m", module] + (
-            ["--standalone", "-m", "stages.train"] if "launch" in module else []
-        )
-        done = run_module(repo, *args)
-        assert done.returncode != 0
-        lines = done.stderr.strip().splitlines()
-        assert lines == [
-            "error: params.yaml: train.lr: expected a valid number, unable to parse "
-            "string as a number, got 'fast'"
-        ], done.stderr
+    done = run_module(repo, *argv)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: train.lr: expected a valid number, unable to parse "
+        "string as a number, got 'fast'"
+    ], done.stderr
     assert not (repo / "data" / "prepared").exists()
     assert not (repo / "models").exists()

@@ -18,7 +18,7 @@ from stages.params import load_params
 # One optimizer step on a tiny batch: the heavy nets (GoogLeNet is ~100 GFLOP a step of
 # 64 images even at 16 px) would otherwise dominate the test suite on a CPU.
 COUNTS = {"train": 32, "val": 16, "test": 32}
-HEAVY = pytest.mark.slow
+HEAVY = pytest.mark.slow  # (the default cnn goes through these steps in the fast tests)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tiny16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "name",
     [
         # cnn: the default, through every stage in the `trained` fixture
-        "lenet5",
+        pytest.param("lenet5", marks=HEAVY),
         pytest.param("resnet18", marks=HEAVY),
         pytest.param("vgg11_bn", marks=HEAVY),
         pytest.param("googlenet", marks=HEAVY),
