@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,11 +61,15 @@ def main() -> None:
     """Run, then print the median of each stage's time over the repeats."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="fresh `dvc repro` runs")
+    parser.add_argument("--keep", type=Path, help="keep the last run's repository here")
     args = parser.parse_args()
     runs = []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(repro(copy_tree(Path(tmp) / "repo")))
+            repo = copy_tree(Path(tmp) / "repo")
+            runs.append(repro(repo))
+            if args.keep and repeat == args.repeats - 1:
+                shutil.copytree(repo, args.keep)
         print(
             f"repeat {repeat + 1}/{args.repeats}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in runs[-1].items()),
