@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from textbook import PilImages
 from workspace import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,11 +524,13 @@ def saved_on(file: Path) -> list[str]:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of the test split the model gets right (fp32, on the model's device)."""
+    from stages import datasets
+
     device = next(model.parameters()).device
     model.eval()
     right = 0
     for x, y in zip(images.split(2048), labels.split(2048), strict=True):
-        logits = model(x.to(device).float() / 255.0)
+        logits = model(datasets.to_model_input(x.to(device)))
         right += int((logits.argmax(1).cpu() == y).sum())
     return right / len(labels)
 
@@ -584,22 +587,6 @@ def _run_settings(params: dict[str, Any]) -> dict[str, Any]:
 # -- step 6: the textbook loop ------------------------------------------------------------
 
 
-class PilDigits(torch.utils.data.Dataset):
-    """torchvision.datasets.MNIST's item access: a PIL image per item, then transforms."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.data, self.targets, self.transform = images[:, 0].numpy(), labels.numpy(), transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        img = Image.fromarray(self.data[index])  # 2-D uint8: mode L, as MNIST's
-        return self.transform(img), int(self.targets[index])
-
-
 def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes: Sizes) -> None:
     """PyTorch's MNIST example on the same GPU, net, optimizer, images and epochs."""
     from torchvision import transforms
@@ -610,7 +597,7 @@ def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes:
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     mean, std = meta["mean"], meta["std"]
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-    dataset = PilDigits(*load_split(repo, "train"), transform)
+    dataset = PilImages(*load_split(repo, "train"), transform)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
@@ -752,7 +739,7 @@ def export(entry: dict[str, Any], run: str, repo: Path, params: dict, runner: Ru
     """The export stage on a kept CUDA-trained model; parity of ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
-    from stages import models
+    from stages import datasets, models
 
     write_params(repo, params)
     (repo / "models").mkdir(exist_ok=True)
@@ -779,7 +766,7 @@ def export(entry: dict[str, Any], run: str, repo: Path, params: dict, runner: Ru
         diff = 0.0
         with torch.no_grad():
             for x in images.split(2048):
-                x = x.float() / 255.0
+                x = datasets.to_model_input(x)
                 onnx_logits = session.run(None, {"images": x.numpy()})[0]
                 cuda_logits = model(x.cuda()).float().cpu().numpy()
                 diff = max(diff, float(np.abs(onnx_logits - cuda_logits).max()))

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from textbook import PilImages
 from workspace import copy_tree, cpu_name, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,34 +159,21 @@ class Stage:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """The trained model's outputs for uint8 images (normalization is in the model)."""
-        return self.raw(images.float() / 255)
+        return self.raw(datasets.to_model_input(images))
 
 
 class Textbook:
     """PyTorch's MNIST example: PIL images, per-sample transforms, a DataLoader."""
 
     def __init__(self, images, labels, config, cfg: Train):
-        from PIL import Image
         from torchvision import transforms
 
         transform = transforms.Compose(
             [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
         )
-
-        class Digits(torch.utils.data.Dataset):
-            # torchvision.datasets.MNIST's own item access: uint8 tensors in memory, a PIL
-            # image per item (its mode="L" is implied by the 2-D uint8 array).
-            data, targets = images[:, 0], labels
-
-            def __len__(self) -> int:
-                return len(self.data)
-
-            def __getitem__(self, index: int):
-                img, target = self.data[index], int(self.targets[index])
-                return transform(Image.fromarray(img.numpy())), target
-
+        dataset = PilImages(images, labels, transform)
         self.mean, self.std = config["mean"][0], config["std"][0]
-        self.loader = torch.utils.data.DataLoader(Digits(), batch_size=cfg.batch_size, shuffle=True)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
         self.batches = enumerate(self.loader)
         self.model = models.ZOO["cnn"][0](1, 28, 10)
         self.optimizer = train.make_optimizer(self.model, cfg)
