@@ -83,7 +83,7 @@ def register_champion(cfg: MLflow, run_id: str, name: str, alias: str = "champio
             )
             if not found:
                 raise StageError(
-                    f"mlflow: run {run_id} has no logged PyTorch model (run the evaluate "
+                    f"mlflow: run {run_id} has no logged PyTorch model (run the export "
                     "stage, or python -m stages.tracking sync)"
                 )
             version = mlflow.register_model(found[0].model_uri, name)

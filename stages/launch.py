@@ -6,15 +6,18 @@ before any worker starts, `--nproc-per-node=auto` means every GPU here or a sing
 on a CPU-only machine (torchrun's own `auto` starts one process per CPU core), the workers
 stop when whatever started the launcher (`dvc repro`, through a `sh -c` wrapper or not) is
 killed, and a failed worker ends the launcher with one line instead of torchrun's traceback.
+One process on one node (the default on a CPU-only machine) trains in the launcher's own
+process: no torchrun agent and no worker importing PyTorch a second time (about 3 s).
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import sys
 
-from stages import dist, logs, processes
+from stages import logs, processes, tracking
 from stages.errors import StageError
 from stages.params import load_params
 
@@ -23,6 +26,8 @@ NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 
 def resolve(argv: list[str]) -> list[str]:
     """torchrun's arguments with `--nproc-per-node auto` replaced by a process count."""
+    from stages import dist  # PyTorch
+
     out: list[str] = []
     for arg in argv:
         flag, eq, value = arg.partition("=")
@@ -35,16 +40,35 @@ def resolve(argv: list[str]) -> list[str]:
     return out
 
 
+def single_process(args) -> bool:
+    """One process on one node: nothing for torchrun to start, watch or rendezvous."""
+    return str(args.nproc_per_node) == "1" and str(args.nnodes) in ("1", "1:1")
+
+
+def run_here(args) -> None:
+    """Run the training module or script in this process, as its worker would."""
+    sys.argv = [args.training_script, *args.training_script_args]
+    if args.module:
+        runpy.run_module(args.training_script, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(args.training_script, run_name="__main__")
+
+
 def main(argv: list[str]) -> None:
     """Validate params, then hand over to torchrun's own entry point."""
+    params = load_params()
+    log = logs.setup("launch")
+    # Should a single process train here, its MLflow helper starts before PyTorch's import.
+    tracking.prestart("train", params)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    load_params()
-    log = logs.setup("launch")
     args = get_args_parser().parse_args(resolve(argv))
-    log.info("torchrun: %s process(es) per node, %s node(s)", args.nproc_per_node, args.nnodes)
+    if single_process(args):
+        log.info("one process on one node: training in the launcher's process")
+    else:
+        log.info("torchrun: %s processes per node, %s node(s)", args.nproc_per_node, args.nnodes)
     os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())
     if str(args.nproc_per_node).isdigit() and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1 (with a warning); the workers set their own thread count
@@ -59,6 +83,10 @@ def main(argv: list[str]) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     processes.watch_callers(parent_died)
+    if single_process(args):
+        run_here(args)  # SIGTERM ends it as it would end a worker
+        return
+    tracking.discard("train")  # rank 0 of the workers starts its own
     try:
         run(args)
     except ChildFailedError as exc:

@@ -20,7 +20,7 @@ run is a copy of them to browse and compare. This module, top to bottom:
    while the stage works, logs what earlier stages wrote that the run lacks, takes the
    train stage's epochs as they end, and logs the stage's own outputs once the stage has
    written them. The stage waits for it only at its end. The MLflow models are packaged
-   by the helpers of evaluate (PyTorch) and convert (ONNX), while those stages work.
+   by the helpers of export (PyTorch) and convert (ONNX), while those stages work.
 5. `python -m stages.tracking sync` logs every stage's outputs the same way.
 
 A tracking failure never costs the DVC outputs: a store that cannot be used at all stops a
@@ -61,10 +61,12 @@ log = logging.getLogger(__name__)
 RUN_KEY_TAG = "pipeline.run_key"
 PYTORCH_MODEL = "pytorch-model"
 ONNX_MODEL = "onnx-model"
-# The helper that packages each MLflow model: that of the first stage that reads the
-# model file, while the stage works (the PyTorch model so joins its run with the first
-# evaluation, also in experiments that stop there). `sync` packages any that are missing.
-PACKAGED_WITH = {"evaluate": PYTORCH_MODEL, "convert": ONNX_MODEL}
+# The helper that packages each MLflow model, while its stage works: export's for the
+# PyTorch model (export keeps one core busy and leaves the other to its helper; evaluate
+# is too short to hide the 5 s of torch.export), convert's for the ONNX model. An
+# experiment that stops at evaluate (a sweep's trial) so packages no model; `sync`
+# packages any that are missing.
+PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
 SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
 LOCK_TIMEOUT_S = 600
 HELPER_TIMEOUT_S = 900
@@ -620,9 +622,17 @@ def start_helper(stage: str) -> subprocess.Popen:
 
 def prestart(stage: str, params: Params) -> None:
     """Start the stage's helper now, so that importing MLflow and opening the store happen
-    while the stage imports PyTorch; the stage's Recorder takes it over."""
-    if params.mlflow.enabled:
+    while the stage imports PyTorch; the stage's Recorder (in this process) takes it over."""
+    if params.mlflow.enabled and stage not in _PRESTARTED:
         _PRESTARTED[stage] = start_helper(stage)
+
+
+def discard(stage: str) -> None:
+    """End a prestarted helper that no Recorder will take (its input ends before a header)."""
+    proc = _PRESTARTED.pop(stage, None)
+    if proc is not None:
+        proc.stdin.close()
+        proc.wait()
 
 
 @contextlib.contextmanager

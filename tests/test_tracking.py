@@ -213,7 +213,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     for name in ("train/images_per_second", "evaluate/accuracy"):
         assert name in run.data.metrics, name
     assert "export/max_abs_diff" not in run.data.metrics
-    assert model_names(repo, run) == [tracking.PYTORCH_MODEL]  # packaged beside evaluate
+    assert model_names(repo, run) == []  # packaged beside export and convert
 
     # sync adds what the other outputs hold, and what the run has already it leaves alone
     done = run_module(repo, "-m", "stages.tracking", "sync")
