@@ -50,7 +50,8 @@ def run_here(args) -> None:
     sys.argv = [args.training_script, *args.training_script_args]
     if args.module:
         runpy.run_module(args.training_script, run_name="__main__", alter_sys=True)
-    else:
+    else:  # as `python script.py` would: the script's folder first on the path
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args.training_script)))
         runpy.run_path(args.training_script, run_name="__main__")
 
 

@@ -30,6 +30,7 @@ goes on.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import getpass
@@ -122,11 +123,25 @@ def check_store(uri: str) -> None:
         return
     if urlparse(uri).scheme not in ("http", "https"):
         return
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+        with urllib.request.urlopen(base + "/health", timeout=5):
+            pass
+        # An API call, as MLflow's client makes it: the login, and the server's database.
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if user:
+            login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+            request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
+        with urllib.request.urlopen(request, timeout=20):
             pass
     except urllib.error.HTTPError as exc:
-        raise StageError(f"mlflow: tracking server {uri} answered HTTP {exc.code}") from None
+        hint = {
+            401: "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a login it knows",
+            403: "this login may not use it; ask its admin for a permission",
+        }.get(exc.code, "its log says why (is its database up?)")
+        message = f"mlflow: tracking server {uri} answered HTTP {exc.code}; {hint}"
+        raise StageError(message) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StageError(
@@ -549,8 +564,14 @@ class Recorder:
         if not params.mlflow.enabled:
             self._proc = None  # a prestarted helper ends when its input does
             return
-        check_store(tracking_uri(params.mlflow))
-        header = {"run_key": run_key or read_run_key(), "tags": tags}
+        try:
+            check_store(tracking_uri(params.mlflow))
+            header = {"run_key": run_key or read_run_key(), "tags": tags}
+        except StageError:
+            if self._proc is not None:  # a prestarted helper: nothing for it to do
+                self._proc.kill()
+                self._proc.wait()
+            raise
         self._proc = self._proc or start_helper(stage)
         self._ready = None
         self._send(json.dumps(header))
@@ -715,7 +736,8 @@ def record(stage: str) -> None:
     except Exception as exc:
         # The stage hears of it: at ready() it stops (nothing is computed yet), at its
         # end it warns and goes on (its outputs are written).
-        replies.write(f"error: {exc if isinstance(exc, StageError) else first_line(exc)}\n")
+        with contextlib.suppress(OSError):  # the stage may have ended already
+            replies.write(f"error: {exc if isinstance(exc, StageError) else first_line(exc)}\n")
         store = None
         with contextlib.suppress(_Stopped):
             for _ in sys.stdin:  # let the stage finish writing without a broken pipe

@@ -299,3 +299,28 @@ def test_amp_with_nccl_on_every_gpu(tmp_path: Path) -> None:
     assert len(torch.load(repo / "models/checkpoint.pt", weights_only=True)["rng"]) == gpus
     assert scores["val_accuracy"] > 0.5
     assert f"on {gpus} process(es)" in text
+
+
+def test_one_process_runs_in_the_launcher_as_its_script_would(tmp_path: Path) -> None:
+    # One process on one node: no torchrun worker, the script in the launcher's own
+    # process, with its arguments and its folder first on the path (as `python job.py`).
+    repo = make_repo(tmp_path / "repo", commit=False)
+    jobs = repo / "jobs"
+    jobs.mkdir()
+    (jobs / "sibling.py").write_text("NAME = 'sibling'\n")
+    (jobs / "job.py").write_text(
+        "import json, os, sys\n"
+        "import sibling\n"
+        "json.dump({'pid': os.getpid(), 'argv': sys.argv, 'name': sibling.NAME,\n"
+        "           'worker': 'TORCHELASTIC_RUN_ID' in os.environ}, open('job.json', 'w'))\n"
+    )
+    proc = python(repo, *LAUNCH, "--standalone", "--nproc-per-node=1", "jobs/job.py", "--x", "1")
+    text = finish(proc, repo)
+    seen = json.loads((repo / "job.json").read_text())
+    assert seen == {
+        "pid": proc.pid,
+        "argv": ["jobs/job.py", "--x", "1"],
+        "name": "sibling",
+        "worker": False,
+    }
+    assert "training in the launcher's process" in text

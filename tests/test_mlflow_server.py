@@ -1,14 +1,22 @@
-"""A team's setup: the pipeline logging into an `mlflow server` (SQLite backend, served
-artifacts), checked through the server's REST API; and the server dying mid-training."""
+"""A team's setup (README "Team"): the pipeline logging into an `mlflow server` on
+PostgreSQL with MLflow's basic-auth login and served artifacts, checked through the
+server's REST API; and the database going away mid-training.
+
+PostgreSQL is a real server in a temporary folder on a free loopback port (started as the
+`postgres` user when the tests run as root: initdb refuses root). `.ci/run` installs it
+from the system's packages when it is missing; elsewhere the test skips, saying why.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,21 +32,99 @@ API = "/api/2.0/mlflow"
 COUNTS = {"train": 400, "val": 60, "test": 60}
 
 
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if found:
+        return found[-1].parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+class Postgres:
+    """A PostgreSQL server of our own: initdb, start, stop (and start again), on loopback."""
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="pg-"))  # not under root's 0700 tmp
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres")
+        self.command("initdb", "-D", str(self.data), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+
+    def command(self, program: str, *args: str) -> None:
+        argv = [*self.as_user, str(self.bindir / program), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=self.root)
+        assert done.returncode == 0, f"{program}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
+        self.command("pg_ctl", "-D", str(self.data), "-o", options, "-l", "pg.log", "-w", "start")
+
+    def stop(self) -> None:
+        self.command("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def create(self, name: str) -> str:
+        self.command("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", name)
+        return f"postgresql://mlflow@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it: apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the server extra: pip install -e '.[server]'")
+    server = Postgres(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(AssertionError):
+            server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+ADMIN = ("admin", "admin-password-for-the-test")
+USER = ("alice", "alice-password-for-the-test")
+
+
 @contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on a free loopback port, its db and artifacts under root; its URL."""
+def mlflow_server(root: Path, backend: str, auth_db: str) -> Iterator[str]:
+    """`mlflow server --app-name basic-auth` on a free loopback port, its runs in `backend`,
+    its logins in `auth_db`, its artifacts under root; its URL."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
+    config = root / "basic_auth.ini"
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_db}\n"
+        f"admin_username = {ADMIN[0]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Checking a password (PBKDF2) costs tens of ms of CPU per request without it.
+        "auth_cache_ttl_seconds = 60\n"
+    )
     log = (root / f"server-{port}.log").open("w")
+    env = {
+        **os.environ,
+        # No job runner: its seven helper processes (for GenAI jobs) cost 15 s to start.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],  # used once, to make the admin
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-static-secret-for-the-test",
+    }
     proc = subprocess.Popen(
         [
             str(mlflow),
             "server",
+            "--app-name",
+            "basic-auth",
             "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
+            backend,
             "--artifacts-destination",
             str(root / "artifacts"),
-            "--serve-artifacts",
             "--host",
             "127.0.0.1",
             "--port",
@@ -48,8 +134,7 @@ def mlflow_server(root: Path) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        # No job runner: its seven helper processes (for GenAI jobs) cost 15 s to start.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env=env,
         start_new_session=True,  # its own process group: the workers go down with it
     )
     url = f"http://127.0.0.1:{port}"
@@ -70,8 +155,8 @@ def mlflow_server(root: Path) -> Iterator[str]:
         log.close()
 
 
-def api(url: str, method: str, path: str, **kwargs) -> dict:
-    reply = requests.request(method, f"{url}{API}/{path}", timeout=30, **kwargs)
+def api(url: str, method: str, path: str, auth: tuple[str, str] = USER, **kwargs) -> dict:
+    reply = requests.request(method, f"{url}{API}/{path}", timeout=30, auth=auth, **kwargs)
     reply.raise_for_status()
     return reply.json()
 
@@ -98,22 +183,46 @@ def metric_keys(run: dict) -> set[str]:
     return {m["key"] for m in run["data"].get("metrics", [])}
 
 
-def stage(repo: Path, name: str, url: str, *args: str) -> subprocess.CompletedProcess:
-    done = run_module(repo, "-m", f"stages.{name}", *args, env={"MLFLOW_TRACKING_URI": url})
-    assert done.returncode == 0, f"{name} failed:\n{done.stderr[-4000:]}"
+def login(url: str) -> dict[str, str]:
+    """The environment a pipeline process logs to the team's server with."""
+    return {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": USER[0],
+        "MLFLOW_TRACKING_PASSWORD": USER[1],
+    }
+
+
+def stage(repo: Path, url: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`python -m stages ...` logging in to the server."""
+    done = run_module(repo, "-m", *args, env=login(url))
+    assert (done.returncode == 0) == ok, f"{args} exit {done.returncode}:\n{done.stderr[-4000:]}"
     return done
 
 
-def test_pipeline_logs_through_a_server_that_dies_and_comes_back(tmp_path: Path) -> None:
+def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
+    postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     epochs = 20
-    # No MLflow models: packaging them is tested elsewhere; here the files go through the
-    # server, the plots show that.
-    repo = prepared_repo(
-        tmp_path / "repo", counts=COUNTS, train={"epochs": epochs}, mlflow={"log_models": False}
-    )
+    repo = prepared_repo(tmp_path / "repo", counts=COUNTS, train={"epochs": epochs})
     (tmp_path / "server").mkdir()
-    with mlflow_server(tmp_path / "server") as url:
-        train = python(repo, *TRAIN, env={"MLFLOW_TRACKING_URI": url})
+    backend, logins = postgres.create("runs"), postgres.create("logins")
+    with mlflow_server(tmp_path / "server", backend, logins) as url:
+        # Without a login the server answers nothing but its health.
+        anonymous = requests.get(f"{url}{API}/experiments/search?max_results=1", timeout=30)
+        assert anonymous.status_code == 401
+        alice = {"username": USER[0], "password": USER[1]}
+        api(url, "POST", "users/create", auth=ADMIN, json=alice)
+        wrong = run_module(
+            repo, "-m", "stages", "train", env={**login(url), "MLFLOW_TRACKING_PASSWORD": "no"}
+        )
+        assert wrong.returncode != 0
+        assert wrong.stderr.strip().splitlines()[-1] == (
+            f"error: mlflow: tracking server {url} answered HTTP 401; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a login it knows"
+        )
+        assert not (repo / "models/checkpoint.pt").exists()  # stopped before any work
+
+        train = python(repo, *TRAIN, env=login(url))
 
         def first_epoch_logged() -> list[dict]:
             found = runs(url)
@@ -126,32 +235,54 @@ def test_pipeline_logs_through_a_server_that_dies_and_comes_back(tmp_path: Path)
         # Curves are live: the first epoch is on the server while training goes on.
         [run] = wait_for(first_epoch_logged, timeout=300, what="epoch 1 on the server", poll=0.2)
         still_training = not (repo / "metrics" / "train.json").exists()
-    # The server is gone now; training goes on without it.
-    output = finish(train, repo, timeout=600)
-    assert still_training, "training ended before the server went down: raise the epochs"
-    for output_file in ("models/model.pt", "metrics/train.json", "plots/train/history.csv"):
-        assert (repo / output_file).exists(), output_file
-    warnings = [line for line in output.splitlines() if "MLflow logging failed" in line]
-    assert len(warnings) == 1, output[-3000:]
-    assert "python -m stages.tracking sync" in warnings[0]
-    assert "Traceback" not in output
-    run_id = run["info"]["run_id"]
-    key = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_key"]
-    assert {"key": "pipeline.run_key", "value": key} in run["data"]["tags"]
+        postgres.stop()  # the database goes away, the server stays
+        output = finish(train, repo, timeout=600)
+        assert still_training, "training ended before the database went down: raise the epochs"
+        for output_file in ("models/model.pt", "metrics/train.json", "plots/train/history.csv"):
+            assert (repo / output_file).exists(), output_file
+        warnings = [line for line in output.splitlines() if "MLflow logging failed" in line]
+        assert len(warnings) == 1, output[-3000:]
+        assert "python -m stages.tracking sync" in warnings[0]
+        assert "Traceback" not in output
 
-    with mlflow_server(tmp_path / "server") as url:  # back, on the same database
-        stage(repo, "tracking", url, "sync")
+        # A later stage stops with one line before any work.
+        down = stage(repo, url, "stages", "evaluate", ok=False)
+        assert (
+            down.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"error: mlflow: tracking server {url} answered HTTP 5")
+        )
+        assert not (repo / "metrics/evaluate.json").exists()
+
+        postgres.start()  # back, with what it held
+        stage(repo, url, "stages.tracking", "sync")
+        for name in ("evaluate", "export", "convert", "benchmark"):
+            stage(repo, url, "stages", name)
+
         [run] = runs(url)
-        assert run["info"]["run_id"] == run_id
+        run_id = run["info"]["run_id"]
+        key = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_key"]
+        assert {"key": "pipeline.run_key", "value": key} in run["data"]["tags"]
         assert run["info"]["status"] == "FINISHED"
         assert metric_steps(url, run_id, "train/loss") == list(range(1, epochs + 1))
-        assert "train/images_per_second" in metric_keys(run)
-        params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["train.epochs"] == str(epochs)
-        # Files go through the server to its artifact store, none into the repository.
+        keys = metric_keys(run)
+        for name in ("train/images_per_second", "evaluate/accuracy", "export/max_abs_diff"):
+            assert name in keys, name
+        assert "benchmark/openvino_int8/throughput" in keys
+        # Files and models go through the server to its artifact store.
         listed = api(url, "GET", "artifacts/list", params={"run_id": run_id, "path": "plots"})
         names = {f["path"] for f in listed.get("files", [])}
-        assert {"plots/curves.png", "plots/history.csv"} <= names
+        assert {"plots/curves.png", "plots/history.csv", "plots/confusion.png"} <= names
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
+        import mlflow
+
+        models = mlflow.MlflowClient(url).search_logged_models(
+            [run["info"]["experiment_id"]], filter_string=f"source_run_id = '{run_id}'"
+        )
+        assert sorted(m.name for m in models) == ["onnx-model", "pytorch-model"]
+    artifacts = tmp_path / "server" / "artifacts"
+    assert len(list(artifacts.rglob("MLmodel"))) == 2
+    assert list(artifacts.rglob("model_int8.xml"))
     assert not (repo / "mlflow.db").exists()
     assert not (repo / "mlruns").exists()
-    assert (tmp_path / "server" / "artifacts").is_dir()

@@ -1,0 +1,99 @@
+"""Team mode through a DVC remote: what person A computed, person B gets without
+recomputing anything (README "Team"). A local folder stands in for S3 or SSH, a bare git
+repository for the team's git server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_sources import make_image_folder
+
+from conftest import clone, commit_all, git, make_repo, run_dvc, write_params
+
+pytestmark = pytest.mark.slow
+
+# What a pipeline result is made of: every DVC output and metrics file of dvc.yaml.
+RESULTS = ("data/prepared", "models", "metrics", "plots")
+
+
+def digests(repo: Path, folders: tuple[str, ...] = RESULTS) -> dict[str, str]:
+    """sha256 of every visible file under the folders (git's and DVC's own files aside)."""
+    out = {}
+    for folder in folders:
+        for file in sorted((repo / folder).rglob("*")):
+            if file.is_file() and file.name != ".gitignore":
+                out[file.relative_to(repo).as_posix()] = hashlib.sha256(
+                    file.read_bytes()
+                ).hexdigest()
+    return out
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def share(repo: Path, tmp_path: Path) -> Path:
+    """Person A: a DVC remote set up in one command, results pushed, git pushed; the
+    shared git repository."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    ok(run_dvc(repo, "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")))
+    commit_all(repo)  # dvc.lock, the metrics and the remote's config
+    git(repo, "remote", "add", "origin", str(origin))
+    git(repo, "push", "-q", "origin", "main")
+    ok(run_dvc(repo, "push"))
+    return origin
+
+
+def teammate(origin: Path, dest: Path, *targets: str) -> Path:
+    """Person B: a fresh clone with the results (of these targets) pulled."""
+    subprocess.run(["git", "clone", "-q", str(origin), str(dest)], check=True)
+    ok(run_dvc(dest, "pull", *targets))
+    return dest
+
+
+def test_a_teammate_pulls_the_results_and_reproduces_nothing(
+    pipeline: Path, tmp_path: Path
+) -> None:
+    a = clone(pipeline, tmp_path / "a")
+    # the checkpoint is A's own file (resume after a kill), not something B must get
+    assert (a / "models/checkpoint.pt").exists()
+    origin = share(a, tmp_path)
+    b = teammate(origin, tmp_path / "b")
+
+    assert "up to date" in ok(run_dvc(b, "status"))
+    assert "Running stage" not in ok(run_dvc(b, "repro"))
+    theirs = digests(a)
+    del theirs["models/checkpoint.pt"]
+    assert digests(b) == theirs
+    assert not (b / "models/checkpoint.pt").exists()
+
+    # A shared experiment: pushed by A, pulled and applied by B, again nothing to run.
+    ok(run_dvc(a, "exp", "run", "-n", "wide-eval", "-S", "evaluate.batch_size=100"))
+    ok(run_dvc(a, "exp", "push", "origin", "wide-eval"))
+    ok(run_dvc(b, "exp", "pull", "origin", "wide-eval"))
+    ok(run_dvc(b, "exp", "apply", "wide-eval"))
+    assert "Running stage" not in ok(run_dvc(b, "repro"))
+    assert digests(b, ("metrics",)) == digests(a, ("metrics",))
+    assert json.loads((b / "metrics/evaluate.json").read_text())["accuracy"] > 0.5
+
+
+def test_raw_inputs_travel_through_dvc_so_prepare_does_not_rerun(tmp_path: Path) -> None:
+    a = make_repo(tmp_path / "a", commit=False)
+    make_image_folder(a / "data/raw/scans", per_class=6)
+    write_params(a, data={"source": "image_folder", "root": "data/raw/scans"})
+    commit_all(a)
+    ok(run_dvc(a, "add", "data/raw/scans"))
+    ok(run_dvc(a, "repro", "prepare"))
+    origin = share(a, tmp_path)
+    # only prepare has run (and is in dvc.lock): B pulls what it made, and the raw images
+    b = teammate(origin, tmp_path / "b", "data/raw/scans.dvc", "prepare")
+
+    assert (b / "data/raw/scans.dvc").exists()  # committed, the images are not
+    assert digests(b, ("data",)) == digests(a, ("data",))
+    assert "Running stage" not in ok(run_dvc(b, "repro", "prepare"))
