@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(resolve(argv))
-    if single_process(args):
+    alone = single_process(args)
+    if alone:
         log.info("one process on one node: training in the launcher's process")
     else:
         log.info("torchrun: %s processes per node, %s node(s)", args.nproc_per_node, args.nnodes)
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     processes.watch_callers(parent_died)
-    if single_process(args):
+    if alone:
         run_here(args)  # SIGTERM ends it as it would end a worker
         return
     tracking.discard("train")  # rank 0 of the workers starts its own

@@ -568,9 +568,7 @@ class Recorder:
             check_store(tracking_uri(params.mlflow))
             header = {"run_key": run_key or read_run_key(), "tags": tags}
         except StageError:
-            if self._proc is not None:  # a prestarted helper: nothing for it to do
-                self._proc.kill()
-                self._proc.wait()
+            _end(self._proc)  # a prestarted helper: nothing for it to do
             raise
         self._proc = self._proc or start_helper(stage)
         self._ready = None
@@ -649,10 +647,14 @@ def prestart(stage: str, params: Params) -> None:
 
 
 def discard(stage: str) -> None:
-    """End a prestarted helper that no Recorder will take (its input ends before a header)."""
-    proc = _PRESTARTED.pop(stage, None)
+    """End a prestarted helper that no Recorder will take."""
+    _end(_PRESTARTED.pop(stage, None))
+
+
+def _end(proc: subprocess.Popen | None) -> None:
+    """Stop a helper that has no header yet, so has logged nothing."""
     if proc is not None:
-        proc.stdin.close()
+        proc.kill()
         proc.wait()
 
 
