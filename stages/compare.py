@@ -56,7 +56,8 @@ def open_store(cfg: MLflow):
 
 
 def runs_frame(cfg: MLflow) -> pd.DataFrame:
-    """Every live run of the configured experiment: params.*, metrics.*, tags.* columns."""
+    """Every live run of the configured experiment: params.*, metrics.*, tags.* columns
+    (a sweep's parent run holds no model: left out)."""
     name = tracking.experiment_name(cfg)
     mlflow, client, lock = open_store(cfg)
     try:
@@ -64,7 +65,10 @@ def runs_frame(cfg: MLflow) -> pd.DataFrame:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise StageError(f"mlflow: no experiment '{name}' in {tracking.tracking_uri(cfg)}")
-            return mlflow.search_runs([experiment.experiment_id], output_format="pandas")
+            runs = mlflow.search_runs([experiment.experiment_id], output_format="pandas")
+            if "tags.sweep.role" in runs:
+                runs = runs[runs["tags.sweep.role"] != "parent"]
+            return runs
     except StageError:
         raise
     except Exception as exc:

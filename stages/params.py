@@ -112,9 +112,43 @@ class Runtime(Section):
     resume: bool
 
 
+class Range(Section):
+    """A numeric search range of a sweep: low..high, log-uniform or on a step grid."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: Annotated[float, Field(gt=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Range:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.step is not None or self.low <= 0):
+            raise ValueError("log ranges need low > 0 and no step")
+        return self
+
+
+Scalar = bool | int | float | str
+Choices = Annotated[list[Scalar], Field(min_length=1)]
+
+
+class Sweep(Section):
+    metric: Annotated[str, Field(pattern=r"^[a-z_]+/[A-Za-z0-9_./-]+$")]
+    direction: Literal["maximize", "minimize"]
+    trials: Positive
+    jobs: Positive
+    until: Annotated[str, Field(min_length=1)]
+    sampler: Literal["tpe", "random", "grid"]
+    pruner: Literal["median", "none"]
+    startup_trials: Annotated[int, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
+    space: Annotated[dict[str, Range | Choices], Field(min_length=1)]
+
+
 # Sections that say how the pipeline runs, not what it computes: stages read them, but
 # dvc.yaml lists none of them, so editing them reruns no stage.
-SETTINGS = ("mlflow", "runtime")
+SETTINGS = ("mlflow", "runtime", "sweep")
 # Keys that moved, so that an old params.yaml (an old experiment) explains itself.
 MOVED = {
     "train.threads": "runtime.threads",
@@ -133,6 +167,7 @@ class Params(Section):
     benchmark: Benchmark
     mlflow: MLflow
     runtime: Runtime
+    sweep: Sweep
 
     def flat(self, *sections: str) -> dict[str, Any]:
         """The given sections as flat `section.key` pairs, the names DVC and MLflow use."""

@@ -279,15 +279,37 @@ def git_tags() -> dict[str, str]:
     }
 
 
+def import_mlflow() -> Any:
+    """MLflow, its loggers kept quiet (it sets them to INFO on import: schema migrations,
+    notices)."""
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mlflow
+
+
+def experiment_id(client: Any, cfg: MLflow, uri: str) -> str:
+    """The configured experiment, made on first use with its files beside a SQLite db."""
+    name = experiment_name(cfg)
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise StageError(
+            f"mlflow: experiment '{name}' is deleted in {uri}; restore it in the "
+            "MLflow UI or set mlflow.experiment to another name"
+        )
+    if found is not None:
+        return found.experiment_id
+    # Never into the temporary copy a queued experiment runs in: mlruns/ beside the db.
+    db = sqlite_file(uri)
+    return client.create_experiment(name, (db.parent / "mlruns").as_uri() if db else None)
+
+
 class Store:
     """The MLflow store, and in it the run of the model in models/ (the helper's side)."""
 
     def __init__(self, params: Params, stage: str):
-        import mlflow
-
-        # MLflow sets its loggers to INFO on import (schema migrations, notices).
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        mlflow = import_mlflow()
         self.params = params
         self.key = ""
         self.stage = stage
@@ -303,19 +325,7 @@ class Store:
         self._monitor = None
 
     def _experiment(self) -> str:
-        """The configured experiment, made on first use with its files beside a SQLite db."""
-        name = experiment_name(self.params.mlflow)
-        found = self.client.get_experiment_by_name(name)
-        if found is not None and found.lifecycle_stage == "deleted":
-            raise StageError(
-                f"mlflow: experiment '{name}' is deleted in {self.uri}; restore it in the "
-                "MLflow UI or set mlflow.experiment to another name"
-            )
-        if found is not None:
-            return found.experiment_id
-        # Never into the temporary copy a queued experiment runs in: mlruns/ beside the db.
-        db = sqlite_file(self.uri)
-        return self.client.create_experiment(name, (db.parent / "mlruns").as_uri() if db else None)
+        return experiment_id(self.client, self.params.mlflow, self.uri)
 
     def open_run(self, run_key: str, tags: dict[str, Any]) -> bool:
         """Reopen the run with this key, or make it; True when it was made now."""
@@ -348,6 +358,9 @@ class Store:
         }
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        from stages import sweep  # (sweep imports this module)
+
+        tags.update(sweep.trial_tags())
         with contextlib.suppress(Exception):  # no user name in some containers
             tags["mlflow.user"] = getpass.getuser()
         return tags

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from stages import datasets, dist, logs, models, paths, plots, tracking
+from stages import datasets, dist, logs, models, paths, plots, sweep, tracking
 from stages.errors import StageError
 from stages.outputs import load_torch, save_torch, write_csv, write_json
 from stages.params import Params, Train, load_params
@@ -420,12 +420,24 @@ def save_checkpoint(job: Job, history: list, key: dict, run_key: str, rngs: list
     )
 
 
-def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
-    """metrics/train.json: the last epoch's scores and the whole run's throughput."""
+def pruned_here(pruning: sweep.Pruning | None, row: dict[str, float], ctx: dist.Context) -> bool:
+    """In a sweep's trial: whether its pruner ends training after this epoch (rank 0
+    asks the study, every rank hears the answer); a trial whose sweep died stops."""
+    if not sweep.in_trial():
+        return False
+    stop = pruning.should_stop(row) if pruning is not None else False
+    return bool(dist.all_reduce_sum(torch.tensor([float(stop)], device=ctx.device)).item())
+
+
+def final_metrics(history: list[dict[str, float]], pruned: bool) -> dict[str, float]:
+    """metrics/train.json: the last epoch's scores and the whole run's throughput (and, in
+    a sweep's trial, whether its pruner stopped it)."""
     last = history[-1]
     seconds = sum(row["seconds"] for row in history)
     images = sum(row["train_images"] for row in history)
+    trial = {"pruned": pruned} if sweep.in_trial() else {}
     return {
+        **trial,
         "val_accuracy": last["val_accuracy"],
         "val_loss": last["val_loss"],
         "train_accuracy": last["train_accuracy"],
@@ -435,9 +447,9 @@ def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def write_outputs(job: Job, history: list[dict[str, float]], run_key: str) -> dict[str, float]:
+def write_outputs(job: Job, history: list, run_key: str, pruned: bool) -> dict[str, float]:
     """The model, metrics, history and curves, and the run key (rank 0 only)."""
-    metrics = final_metrics(history)
+    metrics = final_metrics(history, pruned)
     save_torch({"config": job.config, "state_dict": job.raw_model.state_dict()}, paths.MODEL)
     write_json(paths.TRAIN_METRICS, metrics)
     write_csv(paths.TRAIN_HISTORY, history)
@@ -469,6 +481,8 @@ def main(params: Params) -> None:
             recorder.ready()  # its start-up never competes with training steps
             for row in history:  # epochs a kill left unlogged (it skips the others)
                 recorder.log_epoch(row)
+        pruning = sweep.Pruning.from_env(params, ctx.is_main)  # a sweep's trial reports
+        pruned = False
         for epoch in range(len(history) + 1, params.train.epochs + 1):
             history.append(run_epoch(job, epoch, ctx))
             rngs = dist.gather(rng_state())
@@ -476,8 +490,12 @@ def main(params: Params) -> None:
                 save_checkpoint(job, history, key, run_key, rngs)
                 recorder.log_epoch(history[-1])
                 log_epoch(log, history[-1], params.train.epochs)
+            if epoch < params.train.epochs and pruned_here(pruning, history[-1], ctx):
+                log.info("the sweep's pruner stopped this trial after epoch %d", epoch)
+                pruned = True
+                break
         if ctx.is_main:
-            metrics = write_outputs(job, history, run_key)
+            metrics = write_outputs(job, history, run_key, pruned)
             log.info(
                 "trained %d epochs on %d process(es): val accuracy %.4f, %.0f img/s",
                 len(history),

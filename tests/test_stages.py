@@ -27,7 +27,7 @@ def test_each_stage_reads_what_dvc_yaml_lists_plus_settings(trained_run: Trained
     # recorded, threads, resume) are read without being listed, so editing them reruns
     # nothing; dvc.yaml must list none of them.
     declared = declared_params()
-    assert set(SETTINGS) == {"mlflow", "runtime"}
+    assert set(SETTINGS) == {"mlflow", "runtime", "sweep"}
     for stage, read in trained_run.reads.items():
         assert read - set(SETTINGS) == declared[stage], stage
         assert not declared[stage] & set(SETTINGS), stage
