@@ -500,6 +500,10 @@ class Driver:
         """One line per finished trial, and its state on its MLflow run."""
         shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         value = f"{self.spec.metric} {trial.value:.4f}" if trial.value is not None else ""
+        if trial.state.name == "PRUNED" and trial.intermediate_values:
+            epoch = max(trial.intermediate_values)
+            value = f"stopped after epoch {epoch}, {REPORTED[self.spec.metric]} "
+            value += f"{trial.intermediate_values[epoch]:.4f}"
         seconds = trial.user_attrs.get("seconds", 0)
         state = trial.state.name.lower()
         why = f": {trial.user_attrs['error']}" if "error" in trial.user_attrs else ""
@@ -656,7 +660,8 @@ def rows(study, metric: str) -> list[dict[str, Any]]:
         {
             "trial": t.number,
             **{k: t.params.get(k) for k in varied},
-            metric: t.value,
+            # A pruned trial's value is its last validation score: not the metric.
+            metric: t.value if t.state.name == "COMPLETE" else None,
             "seconds": t.user_attrs.get("seconds"),
             "state": t.state.name.lower(),
             "experiment": t.user_attrs.get("experiment", ""),
@@ -752,7 +757,9 @@ def main(argv: list[str]) -> None:
     try:
         if todo:
             import optuna
+            from optuna.trial import TrialState
 
+            counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             study.optimize(
                 driver.objective,
                 n_trials=todo,
@@ -761,10 +768,8 @@ def main(argv: list[str]) -> None:
                 catch=(TrialFailed,),
                 callbacks=[
                     driver.report,
-                    optuna.study.MaxTrialsCallback(
-                        driver.total,
-                        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-                    ),
+                    # Other machines' running trials count too: none starts past the total.
+                    optuna.study.MaxTrialsCallback(driver.total, states=counted),
                 ],
             )
     except KeyboardInterrupt:

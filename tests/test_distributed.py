@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from test_mlflow_server import ADMIN, metric_steps, mlflow_server, runs
 from train_helpers import (
     LAUNCH,
     TRAIN,
@@ -196,8 +197,9 @@ def test_dvc_repro_two_gloo_processes(ddp_repo: Path) -> None:
 
 
 def test_two_nodes_on_loopback_match_one_node(ddp_repo: Path, tmp_path: Path) -> None:
+    """README's two-node torchrun commands on loopback, logging to a team's MLflow server
+    (basic-auth): the same weights as one node, and one run, logged by global rank 0."""
     repo = copy_repo(ddp_repo, tmp_path / "nodes")
-    write_params(repo, mlflow={"enabled": False})  # a setting: the same training
     port = free_port()
     node = (
         *LAUNCH,
@@ -208,9 +210,20 @@ def test_two_nodes_on_loopback_match_one_node(ddp_repo: Path, tmp_path: Path) ->
         "--rdzv-id=loopback-test",
         *TRAIN,
     )
-    procs = [python(repo, *node, log=f"node{i}.log") for i in range(2)]
-    logs = [finish(p, repo, f"node{i}.log") for i, p in enumerate(procs)]
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_server(tmp_path, db, f"sqlite:///{tmp_path / 'logins.db'}") as url:
+        login = {
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": ADMIN[0],
+            "MLFLOW_TRACKING_PASSWORD": ADMIN[1],
+        }
+        procs = [python(repo, *node, log=f"node{i}.log", env=login) for i in range(2)]
+        logs = [finish(p, repo, f"node{i}.log") for i, p in enumerate(procs)]
+        (run,) = runs(url, auth=ADMIN)
+        steps = metric_steps(url, run["info"]["run_id"], "train/loss", auth=ADMIN)
     assert sum("trained 3 epochs on 2 process(es)" in text for text in logs) == 1
+    assert sum(f"MLflow run {run['info']['run_id']} in {url}" in text for text in logs) == 1
+    assert steps == list(range(1, EPOCHS + 1))
     assert len(torch.load(repo / "models/checkpoint.pt", weights_only=True)["rng"]) == 2
     assert_same_weights(weights(repo), weights(ddp_repo))
 

@@ -20,11 +20,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 import requests
+from test_sweep import TRAIN_ONLY, set_sweep
 from train_helpers import TRAIN, finish, free_port, prepared_repo, python, wait_for
 
-from conftest import run_module
+from conftest import child_env, clone, git, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -161,21 +163,30 @@ def api(url: str, method: str, path: str, auth: tuple[str, str] = USER, **kwargs
     return reply.json()
 
 
-def runs(url: str) -> list[dict]:
+def runs(url: str, auth: tuple[str, str] = USER) -> list[dict]:
     """Every run of the pipeline's experiment, as the REST API returns them."""
     with contextlib.suppress(requests.HTTPError):
         experiment = api(
-            url, "GET", "experiments/get-by-name", params={"experiment_name": "vision-pipeline"}
+            url,
+            "GET",
+            "experiments/get-by-name",
+            auth=auth,
+            params={"experiment_name": "vision-pipeline"},
         )["experiment"]
         found = api(
-            url, "POST", "runs/search", json={"experiment_ids": [experiment["experiment_id"]]}
+            url,
+            "POST",
+            "runs/search",
+            auth=auth,
+            json={"experiment_ids": [experiment["experiment_id"]]},
         )
         return found.get("runs", [])
     return []
 
 
-def metric_steps(url: str, run_id: str, key: str) -> list[int]:
-    history = api(url, "GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})
+def metric_steps(url: str, run_id: str, key: str, auth: tuple[str, str] = USER) -> list[int]:
+    query = {"run_id": run_id, "metric_key": key}
+    history = api(url, "GET", "metrics/get-history", auth=auth, params=query)
     return sorted(int(m.get("step", 0)) for m in history.get("metrics", []))
 
 
@@ -286,3 +297,33 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
     assert list(artifacts.rglob("model_int8.xml"))
     assert not (repo / "mlflow.db").exists()
     assert not (repo / "mlruns").exists()
+
+
+def test_two_machines_share_one_sweep_study_on_postgresql(
+    postgres: Postgres, pipeline: Path, tmp_path: Path
+) -> None:
+    """The team's database server holds the sweeps' Optuna study too: two clones ("two
+    machines") run the same sweep against it at once, and between them run the study's
+    total, one trial each."""
+    url = postgres.create("optuna").replace("postgresql://", "postgresql+psycopg://")
+    machines = [clone(pipeline, tmp_path / name) for name in ("a", "b")]
+    space = {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "train.epochs": [1]}
+    for repo in machines:
+        set_sweep(repo, **TRAIN_ONLY, trials=2, jobs=1, space=space)
+    command = [sys.executable, "-m", "stages.sweep", "--study", "team", "--storage", url]
+    drivers = [
+        subprocess.Popen(
+            command, cwd=repo, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for repo in machines
+    ]
+    outputs = [driver.communicate(timeout=600) for driver in drivers]
+    for driver, (_, err) in zip(drivers, outputs, strict=True):
+        assert driver.returncode == 0, err.decode()[-3000:]
+    study = optuna.load_study(study_name="team", storage=url)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert {t.user_attrs["driver"] for t in trials} == {d.pid for d in drivers}
+    for repo in machines:  # each machine's trial landed in its own repository
+        refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps/").split()
+        assert len([r for r in refs if "/team-" in r]) == 1

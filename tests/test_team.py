@@ -82,6 +82,15 @@ def test_a_teammate_pulls_the_results_and_reproduces_nothing(
     assert digests(b, ("metrics",)) == digests(a, ("metrics",))
     assert json.loads((b / "metrics/evaluate.json").read_text())["accuracy"] > 0.5
 
+    # Results of params no commit holds: through DVC's run-cache.
+    ok(run_dvc(a, "exp", "run", "-S", "evaluate.batch_size=77"))
+    ok(run_dvc(a, "push", "--run-cache"))
+    write_params(b, evaluate={"batch_size": 77})
+    ok(run_dvc(b, "pull", "--run-cache"))
+    restored = ok(run_dvc(b, "repro"))
+    assert "Running stage" not in restored and "Stage 'evaluate' is cached" in restored
+    assert digests(b, ("metrics",)) == digests(a, ("metrics",))
+
 
 def test_raw_inputs_travel_through_dvc_so_prepare_does_not_rerun(tmp_path: Path) -> None:
     a = make_repo(tmp_path / "a", commit=False)
