@@ -40,6 +40,7 @@ def sweep(repo: Path, study: str, trials: int, jobs: int) -> float:
 
 def trial_costs(repo: Path, study: str) -> list[tuple[float, float]]:
     """(trial wall seconds, training-loop seconds) of each finished trial of a study."""
+    import dvc.api
     import optuna
 
     found = optuna.load_study(study_name=study, storage=f"sqlite:///{repo / 'optuna.db'}")
@@ -53,14 +54,8 @@ def trial_costs(repo: Path, study: str) -> list[tuple[float, float]]:
             check=True,
         ).stdout.split()
         ref = next(r for r in refs if r.endswith("/" + trial.user_attrs["experiment"]))
-        shown = subprocess.run(
-            ["git", "show", f"{ref}:metrics/train.json"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out.append((trial.user_attrs["seconds"], json.loads(shown.stdout)["train_seconds"]))
+        train = json.loads(dvc.api.read("metrics/train.json", repo=str(repo), rev=ref))
+        out.append((trial.user_attrs["seconds"], train["train_seconds"]))
     return out
 
 

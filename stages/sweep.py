@@ -205,13 +205,19 @@ def open_storage(url: str, heartbeat: bool = True):
     # The heartbeat (how a killed sweep's trials are marked failed) is marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     shown = re.sub(r"//[^@/]*@", "//***@", url)  # no password in messages
-    try:
-        kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as exc:
-        raise StageError(
-            f"sweep: the Optuna storage {shown} cannot be opened: {first_line(exc)}"
-        ) from None
+    kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:
+            # Two machines opening a new database at once race to make its tables: the
+            # loser finds them made a moment later.
+            if ("duplicate key" in str(exc) or "already exists" in str(exc)) and attempt < 2:
+                time.sleep(1.0)
+                continue
+            raise StageError(
+                f"sweep: the Optuna storage {shown} cannot be opened: {first_line(exc)}"
+            ) from None
 
 
 def make_sampler(spec: Sweep, space: dict[str, Any], jobs: int):
@@ -363,17 +369,18 @@ def exp_ref(name: str) -> str | None:
 
 
 def exp_metrics(ref: str, stage: str) -> dict[str, float]:
-    """The flattened metrics file of a stage in an experiment's commit."""
-    shown = subprocess.run(
-        ["git", "show", f"{ref}:{paths.METRICS / f'{stage}.json'}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if shown.returncode != 0:
+    """The flattened metrics file of a stage in an experiment (from DVC's cache)."""
+    import dvc.api
+
+    try:
+        with _DVC_API:  # one Repo at a time: trials finish in threads of their own
+            raw = json.loads(dvc.api.read(str(paths.METRICS / f"{stage}.json"), rev=ref))
+    except Exception:  # the stage did not run in this trial
         return {}
-    raw = json.loads(shown.stdout)
     return {**tracking.prefixed(stage, raw), **({"pruned": 1.0} if raw.get("pruned") else {})}
+
+
+_DVC_API = threading.Lock()
 
 
 class TrialFailed(Exception):

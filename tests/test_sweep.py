@@ -69,7 +69,10 @@ def experiments(repo: Path) -> dict[str, str]:
 
 
 def shown(repo: Path, ref: str, file: str) -> dict[str, Any]:
-    return json.loads(git(repo, "show", f"{ref}:{file}"))
+    """A file of an experiment, from DVC's cache (every output is cached)."""
+    import dvc.api
+
+    return json.loads(dvc.api.read(file, repo=str(repo), rev=ref))
 
 
 def sweep_runs(repo: Path, study: str) -> tuple[Any, list]:
@@ -173,12 +176,14 @@ def test_sweep_prunes_and_resumes_after_kill(pipeline: Path, tmp_path: Path) -> 
     assert pruned.state.name == "PRUNED"
     ref = experiments(repo)["s-1"]
     assert shown(repo, ref, "metrics/train.json")["pruned"] is True
-    assert len(git(repo, "show", f"{ref}:plots/train/history.csv").splitlines()) == 2  # 1 epoch
+    assert list(pruned.intermediate_values) == [1]  # stopped after its first of 2 epochs
     _, runs = sweep_runs(repo, "s")
     assert {r.data.tags["sweep.trial"]: r.data.tags["sweep.state"] for r in runs} == {
         "0": "complete",
         "1": "pruned",
     }
+    (run,) = [r for r in runs if r.data.tags["sweep.trial"] == "1"]
+    assert len(client_for(repo).get_metric_history(run.info.run_id, "train/loss")) == 1
 
     # Long trials, no pruning: SIGKILL the sweep while trial 2 trains.
     set_sweep(repo, **TRAIN_ONLY, jobs=1, pruner="none", space=good)
