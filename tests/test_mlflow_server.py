@@ -26,7 +26,7 @@ import requests
 from test_sweep import TRAIN_ONLY, set_sweep
 from train_helpers import TRAIN, finish, free_port, prepared_repo, python, wait_for
 
-from conftest import child_env, clone, git, run_module
+from conftest import child_env, clone, git, run_dvc, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -292,6 +292,21 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
             [run["info"]["experiment_id"]], filter_string=f"source_run_id = '{run_id}'"
         )
         assert sorted(m.name for m in models) == ["onnx-model", "pytorch-model"]
+
+        # A queued experiment runs in a temporary copy of the repository, through DVC's
+        # queue workers, and lands on the same server.
+        sets = ("-S", "train.epochs=1", "-S", "train.warmup_epochs=0")
+        queued = run_dvc(repo, "exp", "run", "--queue", "-n", "queued", *sets, "train")
+        assert queued.returncode == 0, queued.stderr[-2000:]
+        started = run_dvc(repo, "queue", "start", env=login(url))
+        assert started.returncode == 0, started.stderr[-2000:]
+
+        def queued_run() -> dict | None:
+            named = [r for r in runs(url) if r["info"].get("run_name") == "queued"]
+            return named[0] if named and named[0]["info"]["status"] == "FINISHED" else None
+
+        landed = wait_for(queued_run, timeout=300, what="the queued run on the server", poll=2)
+        assert metric_steps(url, landed["info"]["run_id"], "train/loss") == [1]
     artifacts = tmp_path / "server" / "artifacts"
     assert len(list(artifacts.rglob("MLmodel"))) == 2
     assert list(artifacts.rglob("model_int8.xml"))
