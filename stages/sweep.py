@@ -643,7 +643,9 @@ def plot_files(study, folder: Path) -> list[Path]:
         ("param_importances.png", plots.plot_param_importances),
     ):
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():  # "too few trials": the plot says as much
+                warnings.simplefilter("ignore")
+                axes = draw(study)
         except Exception as exc:  # importances need two finished trials that differ
             log.info("no %s: %s", name, first_line(exc))
             continue
