@@ -13,9 +13,8 @@ the other sweep settings are params.yaml's defaults.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,22 +39,17 @@ def sweep(repo: Path, study: str, trials: int, jobs: int) -> float:
 
 def trial_costs(repo: Path, study: str) -> list[tuple[float, float]]:
     """(trial wall seconds, training-loop seconds) of each finished trial of a study."""
-    import dvc.api
     import optuna
+
+    from stages import sweep
 
     found = optuna.load_study(study_name=study, storage=f"sqlite:///{repo / 'optuna.db'}")
     out = []
-    for trial in found.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        refs = subprocess.run(
-            ["git", "for-each-ref", "--format=%(refname)", "refs/exps/"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        ref = next(r for r in refs if r.endswith("/" + trial.user_attrs["experiment"]))
-        train = json.loads(dvc.api.read("metrics/train.json", repo=str(repo), rev=ref))
-        out.append((trial.user_attrs["seconds"], train["train_seconds"]))
+    with contextlib.chdir(repo):  # where the sweep's experiments are
+        for trial in found.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+            ref = sweep.exp_ref(trial.user_attrs["experiment"])
+            train = sweep.exp_metrics(ref, "train")["train/train_seconds"]
+            out.append((trial.user_attrs["seconds"], train))
     return out
 
 
