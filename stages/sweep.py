@@ -506,16 +506,16 @@ class Driver:
     def report(self, study, trial) -> None:
         """One line per finished trial, and its state on its MLflow run."""
         shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-        value = f"{self.spec.metric} {trial.value:.4f}" if trial.value is not None else ""
+        value = f"{self.spec.metric} {trial.value:.4f} " if trial.value is not None else ""
         if trial.state.name == "PRUNED" and trial.intermediate_values:
             epoch = max(trial.intermediate_values)
             value = f"stopped after epoch {epoch}, {REPORTED[self.spec.metric]} "
-            value += f"{trial.intermediate_values[epoch]:.4f}"
+            value += f"{trial.intermediate_values[epoch]:.4f} "
         seconds = trial.user_attrs.get("seconds", 0)
         state = trial.state.name.lower()
         why = f": {trial.user_attrs['error']}" if "error" in trial.user_attrs else ""
         print(
-            f"trial {trial.number} {state} in {seconds:.0f} s: {value} ({shown}){why} "
+            f"trial {trial.number} {state} in {seconds:.0f} s: {value}({shown}){why} "
             f"[{finished(study)}/{self.total}]",
             file=sys.stderr,
             flush=True,
