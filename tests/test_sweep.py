@@ -122,7 +122,9 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
         "sweep/param_importances.png",
         "sweep/trials.csv",
     }
-    best = max(trials, key=lambda t: t.value)
+    # Optuna's choice: with 360 test images two trials can tie, and either may be "best".
+    best = load_study(repo, name).best_trial
+    assert best.value == max(t.value for t in trials)
     assert parent.data.tags["sweep.best_trial"] == str(best.number)
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| trial |") and "state" in table[0] and len(table) == 6
