@@ -65,7 +65,9 @@ REPORTED = {
 }
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 LOGS = Path(".dvc/tmp/sweep")  # one log file per trial (DVC keeps .dvc/tmp out of git)
-DVC = (sys.executable, "-m", "dvc")  # the DVC of this environment
+# The DVC of this environment; trials starting or landing at once wait for each other's
+# repository lock instead of failing after DVC's default 3 s.
+DVC = (sys.executable, "-m", "dvc", "--wait-for-lock")
 
 
 # -- the space ---------------------------------------------------------------------------
