@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import child_env, client_for, clone, git, make_repo, run_dvc, run_module
+from conftest import (
+    child_env,
+    client_for,
+    clone,
+    git,
+    make_repo,
+    run_dvc,
+    run_module,
+    write_params,
+)
 from stages import sweep
 from stages.errors import StageError
 from stages.params import load_params
@@ -93,6 +102,9 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     trials whose values are the runs' metrics; run again, nothing runs; --apply runs the
     rest of the pipeline on the best, --clean removes the others."""
     repo = clone(pipeline, tmp_path / "repo")
+    # A one-epoch model's INT8 IR may lose 2 of the 360 test images (0.56 points): the
+    # gate under test here is the sweep's, not the INT8 one that --apply's convert runs.
+    write_params(repo, openvino={"max_accuracy_drop": 0.05})
     spec = set_sweep(repo)
     name = sweep.study_name(load_params(repo / "params.yaml").sweep)
 
@@ -136,8 +148,16 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     assert again.returncode == 0, again.stderr[-2000:]
     assert "4 of 4 trials finished; 0 to run" in again.stderr
     assert len(load_study(repo, name).get_trials()) == 4 and experiments(repo) == exps
-    # The sweep section is read by no stage: the workspace's pipeline is still up to date.
-    assert "up to date" in run_dvc(repo, "status").stdout
+    # The sweep section is read by no stage: only the openvino edit above shows.
+    status = run_dvc(repo, "status").stdout
+    assert status.split() == [
+        "convert:",
+        "changed",
+        "deps:",
+        "params.yaml:",
+        "modified:",
+        "openvino",
+    ]
 
     applied = run_sweep(repo, "--apply", "--clean")
     assert applied.returncode == 0, applied.stderr[-3000:]
