@@ -410,8 +410,8 @@ class Driver:
         self.slots: queue.Queue[Slot] = queue.Queue()
         for slot in slots(self.jobs):
             self.slots.put(slot)
-        self.parent = ""
-        self.lock = threading.Lock()
+        self.parent = ""  # the MLflow parent run, set once the sweep has trials to run
+        self.tracker: Tracker | None = None
 
     def study(self):
         import optuna
@@ -522,7 +522,7 @@ class Driver:
             file=sys.stderr,
             flush=True,
         )
-        if self.parent:
+        if self.tracker is not None and self.parent:
             with contextlib.suppress(Exception):
                 self.tracker.tag_trial(self.name, trial.number, state)
 
