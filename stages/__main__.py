@@ -25,9 +25,8 @@ def main(argv: list[str]) -> None:
         raise StageError(f"usage: python -m stages {{{','.join(stages)}}}")
     stage = argv[0]
     params = load_params()
-    # prepare makes no MLflow run (a run belongs to a trained model); under torchrun only
-    # rank 0 records.
-    if stage != stages[0] and os.environ.get("RANK", "0") == "0":
+    # Under torchrun only rank 0 records.
+    if stage in tracking.HELPED and os.environ.get("RANK", "0") == "0":
         tracking.prestart(stage, params)
     importlib.import_module(f"stages.{stage}").main(params)
 

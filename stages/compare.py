@@ -1,12 +1,11 @@
-"""Compare the runs of the MLflow experiment as a table; optionally crown the best one.
+"""Compare the runs of the MLflow experiment as a table.
 
     python -m stages.compare [--sort evaluate/accuracy] [--csv runs.csv] [--markdown runs.md]
-                             [--register vision-classifier]
 
 One row per run (per pipeline result): the params that differ between runs and the key
 metrics of every stage, best first by the sort metric, printed as a markdown table.
-`--register NAME` registers the best run's PyTorch model in the MLflow model registry and
-points the alias `champion` at that version (`models:/NAME@champion`).
+Crowning a model is the promote stage's job (README "Release"): it moves
+`models:/<promote.registered_model>@champion` only on paired evidence, never on one number.
 """
 
 from __future__ import annotations
@@ -69,30 +68,6 @@ def runs_frame(cfg: MLflow) -> pd.DataFrame:
             if "tags.sweep.role" in runs:
                 runs = runs[runs["tags.sweep.role"] != "parent"]
             return runs
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"mlflow: {tracking.tracking_uri(cfg)}: {first_line(exc)}") from None
-
-
-def register_champion(cfg: MLflow, run_id: str, name: str, alias: str = "champion") -> str:
-    """Register the run's PyTorch model under `name` and point `alias` at it; the version."""
-    mlflow, client, lock = open_store(cfg)
-    try:
-        with lock:
-            run = client.get_run(run_id)
-            found = client.search_logged_models(
-                experiment_ids=[run.info.experiment_id],
-                filter_string=f"source_run_id = '{run_id}' AND name = '{tracking.PYTORCH_MODEL}'",
-            )
-            if not found:
-                raise StageError(
-                    f"mlflow: run {run_id} has no logged PyTorch model (run the export "
-                    "stage, or python -m stages.tracking sync)"
-                )
-            version = mlflow.register_model(found[0].model_uri, name)
-            client.set_registered_model_alias(name, alias, version.version)
-            return str(version.version)
     except StageError:
         raise
     except Exception as exc:
@@ -172,18 +147,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the table as markdown here")
-    parser.add_argument(
-        "--register",
-        metavar="NAME",
-        help="register the best run's PyTorch model as NAME, alias 'champion'",
-    )
+    parser.add_argument("--register", metavar="NAME", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
-    """Print the comparison; write files and register the champion when asked."""
+    """Print the comparison; write it to files when asked."""
     logs.setup("compare")
     args = parse_args(argv)
+    if args.register:
+        raise StageError(
+            "compare --register is gone: the promote stage registers every run's deployable "
+            "model and moves @champion only on evidence (dvc repro -f -s promote decides "
+            'again; README "Release")'
+        )
     cfg = load_params().mlflow
     frame = table(runs_frame(cfg), args.sort, args.ascending)
     text = markdown(frame)
@@ -194,21 +171,6 @@ def main(argv: list[str]) -> None:
     if args.markdown:
         args.markdown.write_text(text)
         log.info("wrote %s", args.markdown)
-    if args.register:
-        ranked = frame[frame[args.sort].notna()]
-        if ranked.empty:
-            raise StageError(f"compare: no run has a value for {args.sort}")
-        best = ranked.iloc[0]
-        version = register_champion(cfg, best["run_id"], args.register)
-        log.info(
-            "registered run %s (%s %s) as %s version %s, alias champion: models:/%s@champion",
-            best["run"],
-            args.sort,
-            _cell(best[args.sort]),
-            args.register,
-            version,
-            args.register,
-        )
 
 
 def cli() -> None:

@@ -68,6 +68,12 @@ def write_json(file: Path | str, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_text(file: Path | str, text: str) -> None:
+    """A text file, atomically."""
+    with atomic_file(file) as tmp:
+        tmp.write_text(text)
+
+
 def write_csv(file: Path | str, rows: list[dict[str, Any]]) -> None:
     """Rows of dicts (same keys) as CSV with a header, atomically."""
     with atomic_file(file) as tmp, tmp.open("w", newline="") as fh:

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stages import paths
 from stages.errors import StageError
@@ -84,11 +91,23 @@ class Export(Section):
     legacy: bool
 
 
+# The INT8 rungs convert may try, cheapest and fastest model first.
+Int8Method = Literal["plain", "mixed", "accuracy_aware"]
+
+
 class OpenVINO(Section):
     fp32: bool
     calibration_size: Annotated[int, Field(ge=10, le=10000)]
-    accuracy_aware: bool
+    int8_methods: list[Int8Method]
     max_accuracy_drop: Fraction
+
+    @field_validator("int8_methods")
+    @classmethod
+    def _each_once(cls, methods: list[str]) -> list[str]:
+        # A rung tried twice gives the same model twice: a repeat is a slip in the list.
+        if len(set(methods)) != len(methods):
+            raise ValueError("each INT8 method at most once")
+        return methods
 
 
 class Benchmark(Section):
@@ -97,6 +116,15 @@ class Benchmark(Section):
     seconds: Annotated[float, Field(ge=0.2, le=600.0)]
     warmup_iterations: Annotated[int, Field(ge=0)]
     benchmark_app: bool
+
+
+class Promote(Section):
+    # MLflow's registered-model names: letters, digits, and . _ - inside.
+    registered_model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    metric: Literal["accuracy", "macro_f1"]
+    alpha: Annotated[float, Field(gt=0.0, lt=0.5)]
+    min_improvement: Annotated[float, Field(ge=0.0, lt=1.0)]
+    min_speedup: Annotated[float, Field(ge=1.0, le=100.0)]
 
 
 class MLflow(Section):
@@ -154,6 +182,13 @@ MOVED = {
     "train.threads": "runtime.threads",
     "train.resume": "runtime.resume",
 }
+# Keys whose meaning another key took over, with what to write instead.
+REPLACED = {
+    "openvino.accuracy_aware": (
+        "openvino.int8_methods (the INT8 methods tried in order until one passes "
+        "openvino.max_accuracy_drop, e.g. [plain, mixed, accuracy_aware]; [] = FP16 only)"
+    ),
+}
 
 
 class Params(Section):
@@ -165,6 +200,7 @@ class Params(Section):
     export: Export
     openvino: OpenVINO
     benchmark: Benchmark
+    promote: Promote
     mlflow: MLflow
     runtime: Runtime
     sweep: Sweep
@@ -207,13 +243,20 @@ def _format(file: Path, exc: ValidationError) -> str:
     return f"{file}: {where or 'top level'}: {_describe(first)}{more}"
 
 
+def _present(raw: dict[str, Any], dotted: str) -> bool:
+    section, key = dotted.split(".")
+    return isinstance(raw.get(section), dict) and key in raw[section]
+
+
 def _moved(raw: dict[str, Any], file: Path) -> None:
     for old, new in MOVED.items():
-        section, key = old.split(".")
-        if isinstance(raw.get(section), dict) and key in raw[section]:
+        if _present(raw, old):
             raise ParamsError(
                 f"{file}: {old}: moved to {new} (a setting: editing it reruns no stage)"
             )
+    for old, new in REPLACED.items():
+        if _present(raw, old):
+            raise ParamsError(f"{file}: {old}: replaced by {new}")
 
 
 def parse_params(raw: Any, file: Path = paths.PARAMS) -> Params:

@@ -27,6 +27,8 @@ OPENVINO = MODELS / "openvino"
 IR_FP16 = OPENVINO / "model.xml"
 IR_FP32 = OPENVINO / "model_fp32.xml"
 IR_INT8 = OPENVINO / "model_int8.xml"
+# The model that ships, as an MLflow pyfunc model folder (the promote stage's choice).
+DEPLOYABLE = MODELS / "deployable"
 
 METRICS = Path("metrics")
 TRAIN_METRICS = METRICS / "train.json"
@@ -34,6 +36,10 @@ EVALUATE_METRICS = METRICS / "evaluate.json"
 EXPORT_METRICS = METRICS / "export.json"
 CONVERT_METRICS = METRICS / "convert.json"
 BENCHMARK_METRICS = METRICS / "benchmark.json"
+PROMOTE_METRICS = METRICS / "promote.json"
+
+REPORTS = Path("reports")
+MODEL_CARD = REPORTS / "model_card.md"
 
 PLOTS = Path("plots")
 TRAIN_HISTORY = PLOTS / "train" / "history.csv"

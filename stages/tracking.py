@@ -68,6 +68,9 @@ ONNX_MODEL = "onnx-model"
 # experiment that stops at evaluate (a sweep's trial) so packages no model; `sync`
 # packages any that are missing.
 PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
+# The stages that record through a helper process. prepare makes no run (a run belongs to
+# a trained model); promote records in its own process, since deciding needs the registry.
+HELPED = ("train", "evaluate", "export", "convert", "benchmark")
 SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
 LOCK_TIMEOUT_S = 600
 HELPER_TIMEOUT_S = 900
@@ -78,6 +81,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # The pipeline runs offline by design: no usage telemetry thread knocking on the network.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A stage's log is its own lines: no progress bars for the small files it moves.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 # -- 1. where ----------------------------------------------------------------------------
@@ -338,14 +343,22 @@ class Store:
                 self.run_id = found[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
                 return False
+            git = git_tags()
             run = self.client.create_run(
                 self.experiment_id,
-                tags={**self._origin(), **git_tags(), **{k: str(v) for k, v in tags.items()}},
-                run_name=os.environ.get("DVC_EXP_NAME") or None,
+                tags={**self._origin(), **git, **{k: str(v) for k, v in tags.items()}},
+                run_name=os.environ.get("DVC_EXP_NAME") or self._readable_name(git),
             )
         self.run_id = run.info.run_id
         log.info("MLflow run %s in %s", self.run_id, self.uri)
         return True
+
+    def _readable_name(self, git: dict[str, str]) -> str:
+        """model-data-commit (cnn-digits-1a2b3c4), for a run no DVC experiment names."""
+        parts = [self.params.model.name, self.params.data.source]
+        if git:
+            parts.append(git["git.commit"][:7] + ("-dirty" if git["git.dirty"] == "true" else ""))
+        return "-".join(parts)
 
     def _origin(self) -> dict[str, str]:
         tags = {
@@ -421,6 +434,16 @@ class Store:
             ]
             for start in range(0, len(metrics), 1000):  # MLflow's limit per call
                 self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+            # Words in a metrics file (convert's int8_method, promote's decision) as tags.
+            words = {
+                f"{stage.name}.{key}": value
+                for stage in stages
+                for file in stage.metrics
+                for key, value in read_json(file).items()
+                if isinstance(value, str)
+            }
+            for key, value in words.items():
+                self.client.set_tag(self.run_id, key, value)
         for stage in stages:
             for file in stage.files:
                 self.log_files(file, artifact_folder(file))

@@ -190,7 +190,7 @@ def run_dvc(
     )
 
 
-STAGES = ("prepare", "train", "evaluate", "export", "convert", "benchmark")
+STAGES = ("prepare", "train", "evaluate", "export", "convert", "benchmark", "promote")
 
 
 class ParamsSpy:
