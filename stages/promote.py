@@ -340,16 +340,17 @@ def int8_change(test: datasets.Split, reference: np.ndarray, seed: int) -> dict[
     return {"change": change, "low": low, "high": high, "level": CHANGE_LEVEL}
 
 
-def summary(decision: Decision, deployable: Deployable, accuracy: float) -> dict[str, Any]:
+def summary(decision: Decision, deployable: Deployable) -> dict[str, Any]:
     """metrics/promote.json: the decision, its reasons and the numbers behind it."""
     out: dict[str, Any] = {
         "decision": decision.alias or "not registered",
         "deployable": deployable.runtime,
-        "deployable_accuracy": accuracy,
     }
     if decision.version:
         out["version"] = int(decision.version)
-    for key in ("score", "champion_score", "improvement", "improvement_low"):
+    # The scores themselves are in the reasons and the card: three numbers at most keep
+    # `dvc metrics show` short.
+    for key in ("improvement", "improvement_low"):
         if key in decision.comparison:
             out[key] = decision.comparison[key]
     out["reasons"] = [deployable.reason, *decision.reasons]
@@ -387,7 +388,7 @@ def main(params: Params) -> None:
         if store is not None:
             store.finish("FAILED")
         raise StageError(f"promote: MLflow registry: {first_line(exc)}") from None
-    write_json(paths.PROMOTE_METRICS, summary(decision, deployable, accuracy))
+    write_json(paths.PROMOTE_METRICS, summary(decision, deployable))
     write_text(paths.MODEL_CARD, card)
     if store is not None:
         store.log_stages([s for s in tracking.pipeline() if s.name == "promote"])

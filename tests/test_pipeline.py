@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import EXPERIMENT, STAGES, client_for, clone, git, run_dvc, runs_of, write_params
-from stages import tracking
+from stages import deploy, tracking
 from stages.params import load_params
 
 pytestmark = pytest.mark.slow
+REGISTERED = load_params(Path(__file__).parent.parent / "params.yaml").promote.registered_model
 
 FINAL_METRICS = (
     "train/images_per_second",
@@ -55,6 +56,8 @@ def test_dvc_repro_runs_every_stage_into_its_outputs(pipeline: Path) -> None:
         "plots/evaluate/per_class.csv",
         "plots/benchmark/runtimes.csv",
         "plots/benchmark/runtimes.png",
+        "models/deployable/MLmodel",
+        "reports/model_card.md",
         "dvc.lock",
     ):
         assert (pipeline / output).exists(), output
@@ -139,7 +142,11 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
     found = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
-    assert sorted(m.name for m in found) == [tracking.ONNX_MODEL, tracking.PYTORCH_MODEL]
+    assert sorted(m.name for m in found) == [
+        tracking.ONNX_MODEL,
+        deploy.MODEL_NAME,
+        tracking.PYTORCH_MODEL,
+    ]
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlflow.db'}")
@@ -149,6 +156,23 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
         assert info.saved_input_example_info is not None
 
 
+def test_the_first_run_is_the_champion_and_explains_itself(pipeline: Path) -> None:
+    [run] = runs_of(pipeline)
+    decided = json.loads((pipeline / "metrics" / "promote.json").read_text())
+    assert (decided["decision"], decided["version"]) == ("champion", 1)
+    client = client_for(pipeline)
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert champion.run_id == run.info.run_id
+    card = (pipeline / "reports" / "model_card.md").read_text()
+    assert run.data.tags["mlflow.note.content"] == card
+    assert run.data.tags["promote.decision"] == "champion"
+    assert run.data.tags["convert.int8_method"] == "plain"
+    assert "reports/model_card.md" in artifacts(pipeline, run.info.run_id, "reports")
+    # A readable name where no DVC experiment names the run: model, data, short commit.
+    commit = git(pipeline, "rev-parse", "HEAD").strip()[:7]
+    assert run.info.run_name.startswith(f"cnn-digits-{commit}")
+
+
 def test_settings_rerun_nothing_an_evaluate_param_reruns_only_evaluate(
     pipeline: Path, tmp_path: Path
 ) -> None:
@@ -156,6 +180,8 @@ def test_settings_rerun_nothing_an_evaluate_param_reruns_only_evaluate(
     again = run_dvc(repo, "repro")
     assert again.returncode == 0, again.stderr[-3000:]
     assert ran(again.stdout) == []
+    # The registry is outside DVC: a run that runs nothing registers nothing either.
+    assert len(client_for(repo).search_model_versions(f"name = '{REGISTERED}'")) == 1
 
     write_params(
         repo,
@@ -169,7 +195,7 @@ def test_settings_rerun_nothing_an_evaluate_param_reruns_only_evaluate(
     write_params(repo, mlflow={"experiment": EXPERIMENT}, evaluate={"batch_size": 100})
     partial = run_dvc(repo, "repro")
     assert partial.returncode == 0, partial.stderr[-3000:]
-    assert ran(partial.stdout) == ["evaluate"]
+    assert "train" not in ran(partial.stdout) and ran(partial.stdout)[0] == "evaluate"
     [run] = runs_of(repo)  # evaluate added to the same run
     assert run.data.params["evaluate.batch_size"] == "512"  # MLflow params are write-once
 

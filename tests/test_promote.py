@@ -159,7 +159,7 @@ def test_champion_moves_only_on_evidence_and_rolls_back(
     elsewhere = promote_into(other, store, monkeypatch)
     assert (elsewhere["decision"], elsewhere["version"]) == ("challenger", 3)
     assert elsewhere["reasons"][-1].startswith("other data")
-    assert "score" not in elsewhere
+    assert "improvement" not in elsewhere
 
     client = client_for(store.parent)
     champion = client.get_model_version_by_alias(NAME, "champion")

@@ -102,8 +102,9 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     trials whose values are the runs' metrics; run again, nothing runs; --apply runs the
     rest of the pipeline on the best, --clean removes the others."""
     repo = clone(pipeline, tmp_path / "repo")
-    # A one-epoch model's INT8 IR may lose 2 of the 360 test images (0.56 points): the
-    # gate under test here is the sweep's, not the INT8 one that --apply's convert runs.
+    # A one-epoch model's plain INT8 IR may lose 2 of the 360 test images (0.56 points):
+    # a looser limit ships it at once instead of climbing the INT8 ladder (accuracy-aware
+    # takes ~15 s); the ladder is tested in test_export_convert.
     write_params(repo, openvino={"max_accuracy_drop": 0.05})
     spec = set_sweep(repo)
     name = sweep.study_name(load_params(repo / "params.yaml").sweep)
@@ -148,16 +149,11 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     assert again.returncode == 0, again.stderr[-2000:]
     assert "4 of 4 trials finished; 0 to run" in again.stderr
     assert len(load_study(repo, name).get_trials()) == 4 and experiments(repo) == exps
-    # The sweep section is read by no stage: only the openvino edit above shows.
+    # The sweep section is read by no stage: only the openvino edit above shows (convert
+    # and promote read that section).
     status = run_dvc(repo, "status").stdout
-    assert status.split() == [
-        "convert:",
-        "changed",
-        "deps:",
-        "params.yaml:",
-        "modified:",
-        "openvino",
-    ]
+    edit = ["changed", "deps:", "params.yaml:", "modified:", "openvino"]
+    assert status.split() == ["convert:", *edit, "promote:", *edit]
 
     applied = run_sweep(repo, "--apply", "--clean")
     assert applied.returncode == 0, applied.stderr[-3000:]

@@ -72,7 +72,10 @@ def test_store_is_env_then_params_then_sqlite_at_the_user_repo(
 
 def test_what_each_stage_records_is_read_from_dvc_yaml() -> None:
     stages = {s.name: s for s in tracking.pipeline(ROOT / "dvc.yaml")}
-    assert list(stages) == ["prepare", "train", "evaluate", "export", "convert", "benchmark"]
+    assert list(stages) == [
+        "prepare", "train", "evaluate", "export", "convert", "benchmark", "promote",
+    ]  # fmt: skip
+    assert paths.MODEL_CARD in stages["promote"].files  # reports/ is logged as files
     assert stages["train"].params == ("seed", "model", "train")
     assert stages["evaluate"].metrics == (paths.EVALUATE_METRICS,)
     assert paths.PER_CLASS in stages["evaluate"].files
