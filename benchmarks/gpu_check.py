@@ -12,7 +12,7 @@ as dvc.yaml writes them):
 
 1. environment: Python, torch, CUDA, NCCL, the GPU and CPU;
 2. install: pydantic (which stages.params needs) from the wheels carried in `.whl/`;
-3. imports: every stage module imports with mlflow, dvc, openvino and nncf hidden (stub
+3. imports: every stage module imports with mlflow, dvc, openvino, nncf, optuna hidden (stub
    packages that fail to import), as they are absent on the GPU machine; every later step
    runs with them hidden too, so the dry run proves the same there;
 4. prepare: MNIST-shaped IDX files generated from scikit-learn's bundled digits (random
@@ -96,7 +96,7 @@ PLATFORMS = (
     "manylinux1_x86_64",
 )
 # Absent on the device machine: with mlflow.enabled false no stage may need them.
-OPTIONAL = ("mlflow", "dvc", "openvino", "nncf")
+OPTIONAL = ("mlflow", "dvc", "openvino", "nncf", "optuna")
 # What a stage copy needs (the device's tree may come without .git: no `git ls-files`).
 REPO_FILES = ("stages", "dvc.yaml", "params.yaml", "pyproject.toml")
 # Variables of an enclosing torchrun or DVC run that must not leak into the stages.
@@ -367,7 +367,7 @@ STAGE_MODULES = (
 
 
 def hide_optional(folder: Path) -> Path:
-    """Packages named mlflow, dvc, openvino and nncf that fail to import, as on the device,
+    """Packages named mlflow, dvc, openvino, nncf and optuna that fail to import, as on the device,
     where none is installed: first on the path, they prove the stages run without them."""
     for name in OPTIONAL:
         package = folder / name
@@ -380,7 +380,7 @@ def hide_optional(folder: Path) -> Path:
 
 
 def imports(entry: dict[str, Any], runner: Runner, workdir: Path) -> None:
-    """The stage modules import with mlflow/dvc/openvino/nncf hidden, and import none."""
+    """The stage modules import with mlflow/dvc/openvino/nncf/optuna hidden, and import none."""
     entry["absent_here"] = [n for n in OPTIONAL if importlib.util.find_spec(n) is None]
     hidden = hide_optional(workdir / "hidden")
     # Every later step runs with them hidden: this process and the commands it starts.
@@ -629,7 +629,7 @@ def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     images, labels = load_split(repo, "test")
-    normalized = torch.nn.Sequential(models.Normalize(mean, std), model)
+    normalized = torch.nn.Sequential(models.Normalize(mean, std), model).to(device)
     entry.update(
         batch_size=batch,
         num_workers=sizes.workers,

@@ -3,8 +3,8 @@ why it cannot, so the check works the day a GPU machine is lent (docs/gpu.md).
 
 The dry run is the check itself at tiny sizes: generated digits through the real prepare
 stage, the real train stage through stages.launch, the textbook loop, DDP in a one-rank
-gloo group, the export and evaluate stages, `pytest -m gpu`; with mlflow, dvc, openvino
-and nncf hidden, as they are absent on the GPU machine.
+gloo group, the export and evaluate stages, `pytest -m gpu`; with mlflow, dvc, openvino,
+nncf and optuna hidden, as they are absent on the GPU machine.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_dry_run_does_every_step_it_can(tmp_path) -> None:
     assert report["torch"] == torch.__version__ and report["python"]
     assert datetime.datetime.fromisoformat(report["date"]).tzinfo is not None
     assert report["total_seconds"] > 0
-    assert steps["imports"]["hidden"] == ["mlflow", "dvc", "openvino", "nncf"]
+    assert steps["imports"]["hidden"] == ["mlflow", "dvc", "openvino", "nncf", "optuna"]
     assert steps["imports"]["eagerly_imported"] == []
 
     # Trained through the stage as dvc.yaml runs it, one process, the split's every image
