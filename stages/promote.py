@@ -267,16 +267,18 @@ class Registry:
         reason = "; ".join(decision.reasons)
         version = decision.version
         with self.store.lock:
-            self.client.set_registered_model_alias(self.name, decision.alias, version)
-            tags = {"promote.decision": decision.alias, "promote.reason": reason}
-            if decision.alias == CHAMPION and decision.champion_version not in ("", version):
-                tags[PREVIOUS_TAG] = decision.champion_version
-            for key, value in tags.items():
-                self.client.set_model_version_tag(self.name, version, key, value)
-            summary = f"@{decision.alias}: {reason} (run {self.store.run_id})"
-            self.client.update_model_version(
-                self.name, version, description=clip(summary, VERSION_TEXT)
-            )
+            # A version that already is the champion keeps the reason it became one.
+            if decision.champion_version != version:
+                self.client.set_registered_model_alias(self.name, decision.alias, version)
+                tags = {"promote.decision": decision.alias, "promote.reason": reason}
+                if decision.alias == CHAMPION and decision.champion_version:
+                    tags[PREVIOUS_TAG] = decision.champion_version
+                for key, value in tags.items():
+                    self.client.set_model_version_tag(self.name, version, key, value)
+                summary = f"@{decision.alias}: {reason} (run {self.store.run_id})"
+                self.client.update_model_version(
+                    self.name, version, description=clip(summary, VERSION_TEXT)
+                )
             run_tags = {
                 "promote.decision": decision.alias,
                 "promote.reason": clip(reason, RUN_TEXT),

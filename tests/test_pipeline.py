@@ -4,6 +4,8 @@ MLflow then show."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,6 +173,23 @@ def test_the_first_run_is_the_champion_and_explains_itself(pipeline: Path) -> No
     # A readable name where no DVC experiment names the run: model, data, short commit.
     commit = git(pipeline, "rev-parse", "HEAD").strip()[:7]
     assert run.info.run_name.startswith(f"cnn-digits-{commit}")
+
+
+def test_dvc_artifacts_get_hands_out_the_deployable_model(pipeline: Path, tmp_path: Path) -> None:
+    # dvc.yaml's `artifacts:` entry: once a version is tagged (GTO, as DVC Studio does),
+    # `dvc artifacts get` fetches the deployable folder from the repository.
+    repo = clone(pipeline, tmp_path / "repo")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "results")
+    gto = Path(sys.executable).parent / "gto"
+    subprocess.run([gto, "register", REGISTERED], cwd=repo, check=True, capture_output=True)
+    out = tmp_path / "deploy"
+    got = run_dvc(tmp_path, "artifacts", "get", str(repo), REGISTERED, "-o", str(out))
+    assert got.returncode == 0, got.stderr[-2000:]
+    shipped = repo / "models" / "deployable"
+    names = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert (out / "MLmodel").read_text() == (shipped / "MLmodel").read_text()
 
 
 def test_settings_rerun_nothing_an_evaluate_param_reruns_only_evaluate(

@@ -148,6 +148,9 @@ def test_champion_moves_only_on_evidence_and_rolls_back(
     worse = promote_into(weak, store, monkeypatch)  # `dvc repro -f -s promote` of the weak run
     assert (worse["decision"], worse["version"]) == ("challenger", 1)  # no new version
     assert worse["improvement"] < 0
+    again = promote_into(strong, store, monkeypatch)  # deciding again for the champion
+    assert (again["decision"], again["version"]) == ("champion", 2)
+    assert again["reasons"][-1] == "already the champion"  # the version keeps why it won
 
     # Another test split (a new prepared-data digest): not compared at all.
     other = tmp_path / "other"
