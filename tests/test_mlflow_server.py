@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 from test_sweep import TRAIN_ONLY, set_sweep
-from train_helpers import TRAIN, finish, free_port, prepared_repo, python, wait_for
+from train_helpers import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
 
 from conftest import child_env, clone, git, run_dvc, run_module
 
@@ -138,21 +137,11 @@ def mlflow_server(root: Path, backend: str, auth_db: str) -> Iterator[str]:
         env=env,
         start_new_session=True,  # its own process group: the workers go down with it
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            assert proc.poll() is None, (root / f"server-{port}.log").read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                return requests.get(f"{url}/health", timeout=2).ok
-            return False
-
-        wait_for(healthy, timeout=180, what="mlflow server /health", poll=0.5)
-        yield url
+        url = f"http://127.0.0.1:{port}"
+        with http_server(proc, url, "/health", root / f"server-{port}.log"):
+            yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         log.close()
 
 

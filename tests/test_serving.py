@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from train_helpers import free_port, inside, wait_for
+from train_helpers import free_port, http_server, inside
 
 from conftest import ROOT, child_env
 from stages import datasets, deploy, paths
@@ -196,21 +194,8 @@ def model_server(uri: str, store: str, log: Path) -> Iterator[str]:
             env=child_env({"MLFLOW_TRACKING_URI": store}),
             start_new_session=True,  # its own process group: uvicorn's workers go with it
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                return requests.get(f"{url}/ping", timeout=2).ok
-            return False
-
-        wait_for(up, timeout=120, what="mlflow models serve /ping", poll=0.2)
+    with http_server(proc, f"http://127.0.0.1:{port}", "/ping", log) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_served_champion_classifies_image_files(champion: Champion, tmp_path: Path) -> None:

@@ -102,6 +102,28 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, poll: float = 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@contextlib.contextmanager
+def http_server(proc: subprocess.Popen, url: str, health: str, log: Path) -> Iterator[str]:
+    """`url` once `proc` (started in its own session) answers OK on `health`; at the end
+    its whole process group is killed. Fails with the server's log if it exits first."""
+    import requests
+
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(f"{url}{health}", timeout=2).ok
+            return False
+
+        wait_for(up, timeout=180, what=f"{url}{health}", poll=0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def weights(repo: Path) -> dict[str, torch.Tensor]:
     """The trained model's state_dict from repo/models/model.pt."""
     return torch.load(repo / "models" / "model.pt", weights_only=True)["state_dict"]
