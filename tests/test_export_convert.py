@@ -207,6 +207,7 @@ def calibrate_on_white_pages(repo: Path, every: int = 1) -> None:
     torch.save(blob, file)
 
 
+@pytest.mark.slow  # several seconds on its own: out of the `not slow` loop
 def test_garbage_calibration_climbs_the_ladder_to_accuracy_aware(trained_repo: Path) -> None:
     plain_points = quantization_points(paths.IR_INT8)
     calibrate_on_white_pages(trained_repo, every=2)
@@ -242,6 +243,7 @@ def test_garbage_calibration_climbs_the_ladder_to_accuracy_aware(trained_repo: P
     assert leftovers(paths.MODELS) == []
 
 
+@pytest.mark.slow  # several seconds on its own: out of the `not slow` loop
 def test_a_float_model_from_the_ladder_is_not_shipped_as_int8(
     trained_repo: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,6 +277,7 @@ def test_a_float_model_from_the_ladder_is_not_shipped_as_int8(
     )
 
 
+@pytest.mark.slow  # several seconds on its own: out of the `not slow` loop
 def test_failed_int8_is_not_shipped_and_fp16_is(trained_repo: Path) -> None:
     assert int8_files() == ["model_int8.bin", "model_int8.xml"]  # the previous run's
     calibrate_on_white_pages(trained_repo)

@@ -174,6 +174,7 @@ def test_bad_inputs_are_one_line_errors(
     assert "\n" not in str(failure.value)
 
 
+@pytest.mark.slow  # several seconds on its own: out of the `not slow` loop
 def test_command_line(
     trained: Path, test_pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

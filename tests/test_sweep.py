@@ -270,6 +270,7 @@ def test_bad_sweep_stops_before_any_trial(bare: Path, changes: dict, expected: s
     assert not (bare / "optuna.db").exists()
 
 
+@pytest.mark.slow  # several seconds on its own: out of the `not slow` loop
 def test_unreachable_storage_and_bad_study_are_one_line(bare: Path) -> None:
     set_sweep(bare)
     # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
