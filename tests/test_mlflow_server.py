@@ -106,7 +106,8 @@ def mlflow_server(root: Path, backend: str, auth_db: str) -> Iterator[str]:
         # Checking a password (PBKDF2) costs tens of ms of CPU per request without it.
         "auth_cache_ttl_seconds = 60\n"
     )
-    log = (root / f"server-{port}.log").open("w")
+    log_file = root / f"server-{port}.log"
+    log = log_file.open("w")
     env = {
         **os.environ,
         # No job runner: its seven helper processes (for GenAI jobs) cost 15 s to start.
@@ -138,8 +139,7 @@ def mlflow_server(root: Path, backend: str, auth_db: str) -> Iterator[str]:
         start_new_session=True,  # its own process group: the workers go down with it
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        with http_server(proc, url, "/health", root / f"server-{port}.log"):
+        with http_server(proc, f"http://127.0.0.1:{port}", "/health", log_file) as url:
             yield url
     finally:
         log.close()

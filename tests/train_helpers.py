@@ -108,14 +108,13 @@ def http_server(proc: subprocess.Popen, url: str, health: str, log: Path) -> Ite
     its whole process group is killed. Fails with the server's log if it exits first."""
     import requests
 
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(requests.RequestException):
+            return requests.get(f"{url}{health}", timeout=2).ok
+        return False
+
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                return requests.get(f"{url}{health}", timeout=2).ok
-            return False
-
         wait_for(up, timeout=180, what=f"{url}{health}", poll=0.2)
         yield url
     finally:
