@@ -27,6 +27,8 @@ import pytest
 import yaml
 from filelock import FileLock
 
+from stages.processes import usable_cores
+
 ROOT = Path(__file__).resolve().parent.parent
 # What a clone holds that the pipeline needs (outputs, caches and the venv stay behind).
 REPO_FILES = (
@@ -47,11 +49,24 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }
 
+# Under `pytest -n N` each worker's trainings get their share of the cores: more threads
+# than free cores only spin (a 2-epoch training beside one busy core, 2-core VM: 12-14 s of
+# CPU and 10.5-12 s with two threads, 7.5 s and 7.6 s with one). A setting: reruns nothing.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(usable_cores() // WORKERS, 1) if WORKERS > 1 else 0
+
 # Small but real: two epochs on the bundled digits (curves of two points), short measurements.
 SHRINK: dict[str, dict[str, Any]] = {
     "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64},
+    "runtime": {"threads": THREADS},
     "openvino": {"calibration_size": 50},
-    "benchmark": {"seconds": 0.2, "warmup_iterations": 1, "batch_size": 8, "benchmark_app": False},
+    "benchmark": {
+        "seconds": 0.2,
+        "warmup_iterations": 1,
+        "batch_size": 8,
+        "benchmark_app": False,
+        "threads": THREADS,
+    },
 }
 
 
@@ -128,6 +143,49 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment without inherited run variables, plus `extra` (which wins)."""
     env = {k: v for k, v in os.environ.items() if k not in INHERITED}
     return {**env, **GIT_ENV, **(extra or {})}
+
+
+# The longest tests first (wall time on 2 busy cores), so that the workers of `pytest -n
+# auto` end together: xdist hands tests out in collection order, one at a time as a worker
+# frees up (pyproject: --dist=load --maxschedchunk=1). A worker holds one test in reserve:
+# compare follows the queue test (which builds `pipeline`) on the first worker, and the
+# PostgreSQL test, which needs no pipeline, runs on the second meanwhile. Every other test
+# keeps its place after these; a name missing here only costs speed.
+LONGEST_FIRST = (
+    "test_queue.py::test_two_queued_experiments_land_in_the_user_store",  # + pipeline
+    "test_queue.py::test_compare_ranks_the_runs",
+    "test_mlflow_server.py::test_pipeline_logs_to_postgresql",
+    "test_params.py::",
+    "test_sweep.py::test_sweep_trials_are_experiments_and_runs",
+    "test_sweep.py::test_sweep_prunes_and_resumes_after_kill",
+    "test_mlflow_server.py::test_two_machines_share_one_sweep_study",
+    "test_distributed.py::test_two_nodes_on_loopback_match_one_node",  # + ddp_repo
+    "test_gpu_check.py::test_dry_run_does_every_step_it_can",
+    "test_promote.py::test_champion_moves_only_on_evidence_and_rolls_back",
+    "test_zoo.py::",
+    "test_distributed.py::test_killed_launcher_stops_workers_then_resume_is_exact",
+    "test_team.py::test_a_teammate_pulls_the_results_and_reproduces_nothing",
+    "test_train.py::test_killed_run_resumes_bit_identical_into_the_same_run",
+    "test_tracking.py::test_a_lost_store_is_filled_from_the_outputs",
+    "test_distributed.py::test_killed_dvc_repro_stops_launcher_and_workers",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, p in enumerate(LONGEST_FIRST) if name.startswith(p)), 99)
+
+    items.sort(key=rank)  # stable: the rest stay in pytest's order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _share_of_cores() -> None:
+    """The stages this worker runs in process (PyTorch's part) keep to its share too."""
+    if THREADS:
+        import torch
+
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

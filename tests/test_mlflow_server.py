@@ -255,7 +255,9 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
 
         postgres.start()  # back, with what it held
         stage(repo, url, "stages.tracking", "sync")
-        for name in ("evaluate", "export", "convert", "benchmark"):
+        # Through the stage that packages each MLflow model (benchmark records the way
+        # evaluate does: not run here).
+        for name in ("evaluate", "export", "convert"):
             stage(repo, url, "stages", name)
 
         [run] = runs(url)
@@ -267,7 +269,7 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         keys = metric_keys(run)
         for name in ("train/images_per_second", "evaluate/accuracy", "export/max_abs_diff"):
             assert name in keys, name
-        assert "benchmark/openvino_int8/throughput" in keys
+        assert "convert/accuracy_int8" in keys
         # Files and models go through the server to its artifact store.
         listed = api(url, "GET", "artifacts/list", params={"run_id": run_id, "path": "plots"})
         names = {f["path"] for f in listed.get("files", [])}

@@ -205,7 +205,7 @@ def test_settings_rerun_nothing_an_evaluate_param_reruns_only_evaluate(
     write_params(
         repo,
         mlflow={"experiment": "elsewhere", "system_metrics": True, "log_models": False},
-        runtime={"threads": 1, "resume": False},
+        runtime={"threads": 3, "resume": False},
     )
     status = run_dvc(repo, "status")
     assert status.returncode == 0, status.stderr
