@@ -51,7 +51,8 @@ GIT_ENV = {
 
 # Under `pytest -n N` each worker's trainings get their share of the cores: more threads
 # than free cores only spin (a 2-epoch training beside one busy core, 2-core VM: 12-14 s of
-# CPU and 10.5-12 s with two threads, 7.5 s and 7.6 s with one). A setting: reruns nothing.
+# CPU and 10.5-12 s of wall time with two threads, 7.5-7.7 s of each with one). A setting:
+# reruns nothing.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(usable_cores() // WORKERS, 1) if WORKERS > 1 else 0
 
