@@ -682,7 +682,7 @@ def nccl_worker(repo: Path, out: Path) -> None:
     tdist.init_process_group(backend, device_id=device if cuda else None)
     ctx = dist.setup(params.train.device, params.runtime.threads)  # joins no second group
     ctx = Distributed(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, ctx.device)
-    train.seed_everything(params.seed, params.train.deterministic)
+    train.seed_everything(params.seed, params.train.deterministic, params.train.compile)
     job = train.setup(params, datasets.load_meta(), ctx)
     rows = [train.run_epoch(job, epoch, ctx) for epoch in range(1, params.train.epochs + 1)]
     summed = dist.all_reduce_sum(torch.ones(3, device=device)).tolist()

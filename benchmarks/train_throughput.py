@@ -297,7 +297,7 @@ def ddp_worker(args: argparse.Namespace) -> None:
     """Inside torchrun: the stage's loop for `--epochs` epochs; rank 0 writes img/s."""
     ctx = dist.setup("cpu", args.threads)
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(0, cfg.deterministic)
+    train.seed_everything(0, cfg.deterministic, cfg.compile)
     images, labels, _ = mnist_like(args.images, 0)
     loop = Stage(images, labels, config_for(images), cfg, ctx)
     loop.run()  # warm-up (oneDNN primitives, gloo buffers): an untimed first epoch
@@ -371,7 +371,9 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     split = datasets.load_split("train")
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(0, cfg.deterministic)  # the kernels the stage (and main()) runs
+    train.seed_everything(
+        0, cfg.deterministic, cfg.compile
+    )  # the kernels the stage (and main()) runs
     loop = Ceiling(split.images, split.labels, config_for(split.images), cfg)
     rate = timed(loop, args.epochs * len(split.labels))
     Path(args.out).write_text(json.dumps({"rate": rate}))
@@ -437,7 +439,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(0, cfg.deterministic)
+    train.seed_everything(0, cfg.deterministic, cfg.compile)
     images, labels, source = mnist_like(args.images, 0)
     config = config_for(images)
     variants = {"textbook": (Textbook, cfg), "stage": (Stage, cfg), "ceiling": (Ceiling, cfg)}
