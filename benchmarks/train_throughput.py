@@ -371,9 +371,8 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     split = datasets.load_split("train")
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(
-        0, cfg.deterministic, cfg.compile
-    )  # the kernels the stage (and main()) runs
+    # the kernels the stage (and main()) runs
+    train.seed_everything(0, cfg.deterministic, cfg.compile)
     loop = Ceiling(split.images, split.labels, config_for(split.images), cfg)
     rate = timed(loop, args.epochs * len(split.labels))
     Path(args.out).write_text(json.dumps({"rate": rate}))
