@@ -124,6 +124,20 @@ def commit_all(repo: Path) -> None:
     git(repo, "commit", "-q", "-m", "pipeline")
 
 
+def trim_pipeline(repo: Path, last: str) -> None:
+    """repo/dvc.yaml without the stages after `last` (and their plots and artifact): for
+    tests whose point lies before them, so that their experiments stay short."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    names = list(pipeline["stages"])
+    dropped = names[names.index(last) + 1 :]
+    for name in dropped:
+        del pipeline["stages"][name]
+    pipeline["plots"] = [p for p in pipeline["plots"] if not any(d in str(p) for d in dropped)]
+    if "promote" in dropped:
+        del pipeline["artifacts"]  # promote's output
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
 # Set by DVC, torchrun or MLflow itself: mlflow.set_tracking_uri() in an in-process stage
 # exports MLFLOW_TRACKING_URI, which would send a later subprocess's runs to that store.
 INHERITED = (
