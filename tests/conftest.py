@@ -107,7 +107,9 @@ def make_repo(dest: Path, commit: bool = True) -> Path:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            # With the bytecode this session compiled (git ignores it; it stays valid in the
+            # copy, which keeps the files' times): the copy's processes need not compile.
+            shutil.copytree(source, target)
         else:
             shutil.copy2(source, target)
     write_params(dest, **SHRINK)
