@@ -26,7 +26,10 @@ import requests
 from test_sweep import TRAIN_ONLY, set_sweep
 from train_helpers import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
 
-from conftest import child_env, clone, git, run_module, write_params
+from conftest import child_env, clone, git, write_params
+from stages import convert, evaluate, export, tracking, train
+from stages.errors import StageError
+from stages.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -193,13 +196,6 @@ def login(url: str) -> dict[str, str]:
     }
 
 
-def stage(repo: Path, url: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """`python -m stages ...` logging in to the server."""
-    done = run_module(repo, "-m", *args, env=login(url))
-    assert (done.returncode == 0) == ok, f"{args} exit {done.returncode}:\n{done.stderr[-4000:]}"
-    return done
-
-
 def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
     postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -213,17 +209,21 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         assert anonymous.status_code == 401
         alice = {"username": USER[0], "password": USER[1]}
         api(url, "POST", "users/create", auth=ADMIN, json=alice)
-        wrong = run_module(
-            repo, "-m", "stages", "train", env={**login(url), "MLFLOW_TRACKING_PASSWORD": "no"}
-        )
-        assert wrong.returncode != 0
-        assert wrong.stderr.strip().splitlines()[-1] == (
-            f"error: mlflow: tracking server {url} answered HTTP 401; set "
+        # The stages run in this process where the process boundary is not the point (the
+        # training is: the database goes down under it); each one's MLflow helper is its own.
+        monkeypatch.chdir(repo)
+        for name, value in {**login(url), "MLFLOW_TRACKING_PASSWORD": "no"}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(StageError) as wrong:
+            train.main(load_params())
+        assert str(wrong.value) == (
+            f"mlflow: tracking server {url} answered HTTP 401; set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a login it knows"
         )
         assert not (repo / "models/checkpoint.pt").exists()  # stopped before any work
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
 
-        train = python(repo, *TRAIN, env=login(url))
+        training = python(repo, *TRAIN, env=login(url))
 
         def first_epoch_logged() -> list[dict]:
             found = runs(url)
@@ -237,7 +237,7 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         [run] = wait_for(first_epoch_logged, timeout=300, what="epoch 1 on the server", poll=0.2)
         still_training = not (repo / "metrics" / "train.json").exists()
         postgres.stop()  # the database goes away, the server stays
-        output = finish(train, repo, timeout=600)
+        output = finish(training, repo, timeout=600)
         assert still_training, "training ended before the database went down: raise the epochs"
         for output_file in ("models/model.pt", "metrics/train.json", "plots/train/history.csv"):
             assert (repo / output_file).exists(), output_file
@@ -247,20 +247,17 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         assert "Traceback" not in output
 
         # A later stage stops with one line before any work.
-        down = stage(repo, url, "stages", "evaluate", ok=False)
-        assert (
-            down.stderr.strip()
-            .splitlines()[-1]
-            .startswith(f"error: mlflow: tracking server {url} answered HTTP 5")
-        )
+        params = load_params()
+        with pytest.raises(StageError, match=f"^mlflow: tracking server {url} answered HTTP 5"):
+            evaluate.main(params)
         assert not (repo / "metrics/evaluate.json").exists()
 
         postgres.start()  # back, with what it held
-        stage(repo, url, "stages.tracking", "sync")
+        tracking.main(["sync"])
         # Through the stage that packages each MLflow model (benchmark records the way
         # evaluate does: not run here).
-        for name in ("evaluate", "export", "convert"):
-            stage(repo, url, "stages", name)
+        for stage in (evaluate, export, convert):
+            stage.main(params)
 
         [run] = runs(url)
         run_id = run["info"]["run_id"]
@@ -276,8 +273,6 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         listed = api(url, "GET", "artifacts/list", params={"run_id": run_id, "path": "plots"})
         names = {f["path"] for f in listed.get("files", [])}
         assert {"plots/curves.png", "plots/history.csv", "plots/confusion.png"} <= names
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
         import mlflow
 
         models = mlflow.MlflowClient(url).search_logged_models(
@@ -316,7 +311,7 @@ def test_two_machines_share_one_sweep_study_on_postgresql(
     outputs = [driver.communicate(timeout=600) for driver in drivers]
     for driver, (_, err) in zip(drivers, outputs, strict=True):
         assert driver.returncode == 0, err.decode()[-3000:]
-    import optuna  # here: test_distributed imports this file on the optuna-less GPU machine
+    import optuna
 
     study = optuna.load_study(study_name="team", storage=url)
     trials = study.get_trials()

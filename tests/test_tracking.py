@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from train_helpers import free_port
 
-from conftest import EXPERIMENT, ROOT, client_for, clone, run_module, runs_of, write_params
-from stages import paths, tracking, train
+from conftest import EXPERIMENT, ROOT, client_for, clone, runs_of, write_params
+from stages import evaluate, paths, tracking, train
 from stages.errors import StageError
 from stages.params import load_params
 
@@ -203,7 +203,10 @@ def test_system_metrics_are_recorded_when_asked(
 
 @pytest.mark.slow
 def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_missing(
-    pipeline: Path, tmp_path: Path
+    pipeline: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
 ) -> None:
     repo = clone(pipeline, tmp_path / "repo")
     key = json.loads((repo / paths.RUN_ID).read_text())["run_key"]
@@ -211,9 +214,12 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     shutil.rmtree(repo / "mlruns")
 
     # The first stage that finds no run of this model makes it, with what came before.
-    done = run_module(repo, "-m", "stages", "evaluate")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MLflow had no run of the model in models/: filling it" in done.stderr
+    # (In this process: its MLflow helper is a process of its own either way.)
+    monkeypatch.chdir(repo)
+    params = load_params()
+    capfd.readouterr()
+    evaluate.main(params)
+    assert "MLflow had no run of the model in models/: filling it" in capfd.readouterr().err
     [run] = runs_of(repo)
     assert run.data.tags[tracking.RUN_KEY_TAG] == key
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
@@ -224,8 +230,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     assert model_names(repo, run) == []  # packaged beside export and convert
 
     # sync adds what the other outputs hold, and what the run has already it leaves alone
-    done = run_module(repo, "-m", "stages.tracking", "sync")
-    assert done.returncode == 0, done.stderr[-3000:]
+    tracking.main(["sync"])
     [run] = runs_of(repo)
     assert "benchmark/pytorch/throughput" in run.data.metrics
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
