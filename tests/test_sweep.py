@@ -67,6 +67,25 @@ def run_sweep(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return run_module(repo, "-m", "stages.sweep", *args)
 
 
+def sweep_here(repo: Path, capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """`python -m stages.sweep ARGS` in this process, as its exit code and output: the
+    driver's own start-up is not what these tests are about (its trials are processes
+    either way; the killed driver and the one-line errors are run as processes)."""
+    capfd.readouterr()
+    old = Path.cwd()
+    os.chdir(repo)
+    try:
+        sweep.main(list(args))
+        code = 0
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        os.chdir(old)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["stages.sweep", *args], code, out, err)
+
+
 def load_study(repo: Path, name: str):
     import optuna
 
@@ -99,7 +118,9 @@ def sweep_runs(repo: Path, study: str) -> tuple[Any, list]:
 
 
 @pytest.mark.slow
-def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -> None:
+def test_sweep_trials_are_experiments_and_runs(
+    pipeline: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
     """2 trials at once: 2 DVC experiments, 2 MLflow runs under one parent, 2 Optuna
     trials whose values are the runs' metrics; run again, nothing runs; --apply runs the
     rest of the pipeline on the best, --clean removes the others."""
@@ -114,7 +135,7 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     spec = set_sweep(repo)
     name = sweep.study_name(load_params(repo / "params.yaml").sweep)
 
-    done = run_sweep(repo)
+    done = sweep_here(repo, capfd)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = load_study(repo, name).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 2
@@ -150,14 +171,14 @@ def test_sweep_trials_are_experiments_and_runs(pipeline: Path, tmp_path: Path) -
     logs = [(repo / ".dvc/tmp/sweep" / f"{name}-{t.number}.log").read_text() for t in trials]
     assert all("Ran experiment(s)" in text for text in logs)
 
-    again = run_sweep(repo)
+    again = sweep_here(repo, capfd)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "2 of 2 trials finished; 0 to run" in again.stderr
     assert len(load_study(repo, name).get_trials()) == 2 and experiments(repo) == exps
     # The sweep section (and the mlflow one) is read by no stage: nothing to rerun.
     assert "up to date" in run_dvc(repo, "status").stdout
 
-    applied = run_sweep(repo, "--apply", "--clean")
+    applied = sweep_here(repo, capfd, "--apply", "--clean")
     assert applied.returncode == 0, applied.stderr[-3000:]
     workspace = yaml.safe_load((repo / "params.yaml").read_text())
     assert workspace["train"]["lr"] == pytest.approx(best.params["train.lr"])
@@ -178,20 +199,22 @@ def wait_for(check, what: str, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_prunes_and_resumes_after_kill(pipeline: Path, tmp_path: Path) -> None:
+def test_sweep_prunes_and_resumes_after_kill(
+    pipeline: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
     """A trial far behind the median after an epoch is pruned (exit 0, pruned: true); a
     SIGKILLed sweep started again marks its running trial failed and reaches its total."""
     repo = clone(pipeline, tmp_path / "repo")
     good = {"train.lr": {"low": 4.0e-3, "high": 6.0e-3}, "train.epochs": [2]}
     set_sweep(repo, **TRAIN_ONLY, jobs=1, pruner="median", space=good)
     study = ["--study", "s"]
-    first = run_sweep(repo, *study, "--trials", "1")
+    first = sweep_here(repo, capfd, *study, "--trials", "1")
     assert first.returncode == 0, first.stderr[-3000:]
 
     # An lr that learns nothing in an epoch: far below trial 0 at epoch 1.
     hopeless = {**good, "train.lr": {"low": 1e-7, "high": 2e-7}}
     set_sweep(repo, **TRAIN_ONLY, jobs=1, pruner="median", space=hopeless)
-    second = run_sweep(repo, *study, "--trials", "2")
+    second = sweep_here(repo, capfd, *study, "--trials", "2")
     assert second.returncode == 0, second.stderr[-3000:]
     pruned = load_study(repo, "s").trials[1]
     assert pruned.state.name == "PRUNED"
@@ -226,7 +249,7 @@ def test_sweep_prunes_and_resumes_after_kill(pipeline: Path, tmp_path: Path) -> 
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait()
     write_params(repo, train={"epochs": 1})  # the trial that completes the study: a short one
-    resumed = run_sweep(repo, *study, "--trials", "3")
+    resumed = sweep_here(repo, capfd, *study, "--trials", "3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "trial 2 was running when its sweep was stopped: marked failed" in resumed.stderr
     states = [t.state.name for t in load_study(repo, "s").trials]
