@@ -244,7 +244,9 @@ def test_changed_params_refuse_the_checkpoint(copy: Path, capfd: pytest.CaptureF
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_identical_into_the_same_run(tmp_path: Path) -> None:
+def test_killed_run_resumes_bit_identical_into_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Enough images that an epoch lasts a second or two: the kill lands mid-epoch.
     counts = {"train": 640, "val": 64, "test": 64}
     base = prepared_repo(
@@ -256,7 +258,6 @@ def test_killed_run_resumes_bit_identical_into_the_same_run(tmp_path: Path) -> N
     whole = copy_repo(base, tmp_path / "whole")
     write_params(whole, mlflow={"enabled": False})  # the reference needs no record
     killed = copy_repo(base, tmp_path / "killed")
-    reference = python(whole, *TRAIN)  # runs alongside: the two share nothing
     victim = python(killed, *TRAIN)
     ckpt = killed / "models/checkpoint.pt"
     wait_for(ckpt.exists, 240, "the first checkpoint")
@@ -268,7 +269,9 @@ def test_killed_run_resumes_bit_identical_into_the_same_run(tmp_path: Path) -> N
 
     text = finish(python(killed, *TRAIN, log="resume.log"), killed, "resume.log")
     assert f"resuming from epoch {epoch} of 3" in text
-    finish(reference, whole)
+    # The uninterrupted reference, in this process (the same thread count, from params).
+    monkeypatch.chdir(whole)
+    train.main(load_params())
     assert_same_weights(weights(killed), weights(whole))
     history = torch.load(ckpt, weights_only=True)["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
