@@ -62,7 +62,7 @@ def test_benchmark_of_the_trained_pipeline(trained: Path) -> None:
 
 @pytest.mark.slow
 def test_benchmark_app_cross_checks_our_numbers(trained_repo: Path) -> None:
-    write_params(trained_repo, benchmark={"benchmark_app": True, "seconds": 0.6})
+    write_params(trained_repo, benchmark={"benchmark_app": True})
     params = load_params()
     benchmark.main(params)
     check_schema(trained_repo, params.benchmark.batch_size)
