@@ -173,17 +173,19 @@ LONGEST_FIRST = (
     "test_queue.py::test_compare_ranks_the_runs",
     "test_mlflow_server.py::test_pipeline_logs_to_postgresql",
     "test_params.py::",
-    "test_sweep.py::test_sweep_trials_are_experiments_and_runs",
     "test_sweep.py::test_sweep_prunes_and_resumes_after_kill",
-    "test_mlflow_server.py::test_two_machines_share_one_sweep_study",
-    "test_distributed.py::test_killed_launcher_stops_workers_then_two_nodes",  # + ddp_repo
+    "test_sweep.py::test_sweep_trials_are_experiments_and_runs",
     "test_gpu_check.py::test_dry_run_does_every_step_it_can",
+    "test_distributed.py::test_killed_launcher_stops_workers_then_two_nodes",  # + ddp_repo
+    "test_team.py::test_a_teammate_pulls_the_results_and_reproduces_nothing",
+    "test_mlflow_server.py::test_two_machines_share_one_sweep_study",
     "test_promote.py::test_champion_moves_only_on_evidence_and_rolls_back",
     "test_zoo.py::",
-    "test_team.py::test_a_teammate_pulls_the_results_and_reproduces_nothing",
     "test_train.py::test_killed_run_resumes_bit_identical_into_the_same_run",
-    "test_tracking.py::test_a_lost_store_is_filled_from_the_outputs",
     "test_distributed.py::test_killed_dvc_repro_stops_launcher_and_workers",
+    "test_pipeline.py::test_settings_rerun_nothing",
+    "test_pipeline.py::test_a_failed_stage_leaves_no_output",
+    "test_tracking.py::test_a_lost_store_is_filled_from_the_outputs",
 )
 
 
