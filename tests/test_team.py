@@ -5,11 +5,11 @@ repository for the team's git server."""
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from test_sources import make_image_folder
 
 from conftest import clone, commit_all, git, make_repo, run_dvc, write_params
@@ -75,14 +75,15 @@ def test_a_teammate_pulls_the_results_and_reproduces_nothing(
     assert digests(b) == theirs
     assert not (b / "models/checkpoint.pt").exists()
 
-    # A shared experiment: pushed by A, pulled and applied by B, again nothing to run.
-    ok(run_dvc(a, "exp", "run", "-n", "wide-eval", "-S", "evaluate.batch_size=100"))
-    ok(run_dvc(a, "exp", "push", "origin", "wide-eval"))
-    ok(run_dvc(b, "exp", "pull", "origin", "wide-eval"))
-    ok(run_dvc(b, "exp", "apply", "wide-eval"))
+    # A shared experiment: pushed by A, pulled and applied by B, again nothing to run. (A
+    # promote param: its experiments rerun the last stage only.)
+    ok(run_dvc(a, "exp", "run", "-n", "strict", "-S", "promote.min_improvement=0.01"))
+    ok(run_dvc(a, "exp", "push", "origin", "strict"))
+    ok(run_dvc(b, "exp", "pull", "origin", "strict"))
+    ok(run_dvc(b, "exp", "apply", "strict"))
     assert "Running stage" not in ok(run_dvc(b, "repro"))
-    assert digests(b, ("metrics",)) == digests(a, ("metrics",))
-    assert json.loads((b / "metrics/evaluate.json").read_text())["accuracy"] > 0.5
+    assert digests(b, ("metrics", "reports")) == digests(a, ("metrics", "reports"))
+    assert yaml.safe_load((b / "params.yaml").read_text())["promote"]["min_improvement"] == 0.01
 
     # Results of params no commit holds: through DVC's run-cache.
     ok(run_dvc(a, "exp", "run", "-S", "evaluate.batch_size=77"))
