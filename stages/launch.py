@@ -59,8 +59,10 @@ def main(argv: list[str]) -> None:
     """Validate params, then hand over to torchrun's own entry point."""
     params = load_params()
     log = logs.setup("launch")
-    # Should a single process train here, its MLflow helper starts before PyTorch's import.
-    tracking.prestart("train", params)
+    # Should a single process train here, its MLflow helper starts before PyTorch's import
+    # (not for any other script: no Recorder would take the helper).
+    if argv[-3:] == ["-m", "stages", "train"]:
+        tracking.prestart("train", params)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

@@ -125,19 +125,22 @@ def test_champion_moves_only_on_evidence_and_rolls_back(
     store = tmp_path / "registry" / "mlflow.db"
     strong = tmp_path / "strong"
     shutil.copytree(trained, strong, symlinks=True)
-    # A deliberately weak champion: one epoch at a tiny learning rate, through every stage.
+    # A deliberately weak champion: one epoch at a tiny learning rate, through every stage
+    # (no INT8: its FP16 IR is what ships).
     weak = tmp_path / "weak"
     shutil.copytree(trained, weak, symlinks=True)
     monkeypatch.chdir(weak)
     write_params(
-        weak,
-        train={"epochs": 1, "warmup_epochs": 0, "lr": 1e-5},
-        openvino={"int8_methods": ["plain"], "max_accuracy_drop": 1.0},
+        weak, train={"epochs": 1, "warmup_epochs": 0, "lr": 1e-5}, openvino={"int8_methods": []}
     )
     for stage in (train, evaluate, export, convert, benchmark):
         stage.main(load_params())
     first = promote_into(weak, store, monkeypatch)
-    assert (first["decision"], first["version"]) == ("champion", 1)
+    assert (first["decision"], first["version"], first["deployable"]) == (
+        "champion",
+        1,
+        "openvino_fp16",
+    )
     assert first["reasons"][-1].startswith("no champion yet")
 
     better = promote_into(strong, store, monkeypatch)
