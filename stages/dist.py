@@ -68,6 +68,7 @@ def setup(device_preference: str, threads: int) -> Context:
     device = pick_device(device_preference, local_rank)
     if device.type == "cpu":
         torch.set_num_threads(threads or max(processes.usable_cores() // local_world_size, 1))
+        processes.keep_freed_memory()
     else:
         torch.cuda.set_device(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:
