@@ -109,3 +109,36 @@ def save_figure(fig, file: Path | str) -> None:
     with atomic_file(file) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+def prefixed(stage: str, metrics: dict[str, Any], sep: str = "/") -> dict[str, float]:
+    """Flatten nested metrics under the stage name: evaluate/accuracy, benchmark/onnxruntime/..."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{stage}{sep}{key}"
+        if isinstance(value, dict):
+            out.update(prefixed(name, value, sep))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+def read_json(file: Path) -> dict[str, Any]:
+    """A metrics file as a dict; empty when the stage has not written it."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+def read_history() -> list[dict[str, float]]:
+    """Per-epoch rows of plots/train/history.csv as numbers."""
+    if not paths.TRAIN_HISTORY.exists():
+        return []
+    with paths.TRAIN_HISTORY.open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+def read_csv(file) -> list[dict[str, str]]:
+    """Rows of a CSV output; none when the stage did not write it."""
+    try:
+        with open(file, newline="") as fh:
+            return list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return []

@@ -1,95 +1,86 @@
-"""MLflow: one run per trained model, holding a copy of what its DVC outputs hold.
-
-A pipeline result is its DVC outputs (params.yaml, metrics/, plots/, models/); its MLflow
-run is a copy of them to browse and compare. This module, top to bottom:
-
-1. Where: MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else SQLite `mlflow.db` at the
-   root of the user's repository (also for queued experiments, which run in temporary
-   copies of it); the experiment is MLFLOW_EXPERIMENT_NAME, else `mlflow.experiment`.
-2. Which run: the train stage draws a run key and writes it to models/mlflow_run.json (a
-   train output; the checkpoint keeps it too, so a resumed training keeps its run). The
-   run is the one tagged with that key; the first stage that finds none makes it. So
-   whatever DVC restores (a cache hit, `dvc exp apply`) names the run of that very model,
-   in any store, and a new store or a deleted mlflow.db fills itself from the outputs.
-3. What: each stage's params sections, metrics files and plots, read from dvc.yaml; the
-   per-epoch history; the prepared data as a dataset input; the PyTorch and ONNX models
-   as MLflow models and the IR files. Only what the run lacks is logged, so logging the
-   same outputs twice changes nothing.
-4. When: each stage runs inside a `Recorder`: a helper process at idle CPU priority (it
-   only gets CPU time the stage leaves unused) that imports MLflow and opens the run
-   while the stage works, logs what earlier stages wrote that the run lacks, takes the
-   train stage's epochs as they end, and logs the stage's own outputs once the stage has
-   written them. The stage waits for it only at its end. The MLflow models are packaged
-   by the helpers of export (PyTorch) and convert (ONNX), while those stages work.
-5. `python -m stages.tracking sync` logs every stage's outputs the same way.
-
-A tracking failure never costs the DVC outputs: a store that cannot be used at all stops a
-stage with one line before any work; a failure after that is one warning, and the stage
-goes on.
-"""
+"""x"""
 
 from __future__ import annotations
 
 import base64
+
 import contextlib
+
 import csv
+
 import getpass
+
 import json
+
 import logging
+
 import os
+
 import signal
+
 import subprocess
+
 import sys
+
 import time
+
 import urllib.error
+
 import urllib.request
+
 import uuid
+
 from collections.abc import Iterator
+
 from dataclasses import dataclass
+
 from pathlib import Path
+
 from typing import Any
+
 from urllib.parse import urlparse
 
 import yaml
+
 from filelock import FileLock
 
 from stages import paths
+
 from stages.errors import StageError, first_line
+
 from stages.params import MLflow, Params, load_params
+
+from stages.core.dvcyaml import Stage, artifact_folder, before, pipeline
+from stages.core._x_outputs import prefixed, read_history, read_json
+from stages.core._x_paths import repo_root
+from stages.tracking.helper import record
+from stages.tools.sync import sync
+
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "pipeline.run_key"
+
 PYTORCH_MODEL = "pytorch-model"
+
 ONNX_MODEL = "onnx-model"
-# The helper that packages each MLflow model, while its stage works: export's for the
-# PyTorch model (export keeps one core busy and leaves the other to its helper; evaluate
-# is too short to hide the 5 s of torch.export), convert's for the ONNX model. An
-# experiment that stops at evaluate (a sweep's trial) so packages no model; `sync`
-# packages any that are missing.
-PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
-# The stages that record through a helper process. prepare makes no run (a run belongs to
-# a trained model); promote records in its own process, since deciding needs the registry.
-HELPED = ("train", "evaluate", "export", "convert", "benchmark")
+
 SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
+
 LOCK_TIMEOUT_S = 600
-HELPER_TIMEOUT_S = 900
 
 # Fail fast on a dead server instead of MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
 # The pipeline runs offline by design: no usage telemetry thread knocking on the network.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 # A stage's log is its own lines: no progress bars for the small files it moves.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-# -- 1. where ----------------------------------------------------------------------------
-def repo_root() -> Path:
-    """The user's repository: DVC_ROOT in queued experiments (temp copies), else cwd."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
 
 def tracking_uri(cfg: MLflow) -> str:
     """MLFLOW_TRACKING_URI if set, else mlflow.tracking_uri, else SQLite at the repo root."""
@@ -102,18 +93,15 @@ def tracking_uri(cfg: MLflow) -> str:
         return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
     return uri
 
-
 def experiment_name(cfg: MLflow) -> str:
     """MLFLOW_EXPERIMENT_NAME if set, else mlflow.experiment."""
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment
-
 
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI, None for any other store."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///"))
-
 
 def check_store(uri: str) -> None:
     """One clear line, before any heavy work, when the store cannot be used at all."""
@@ -154,7 +142,6 @@ def check_store(uri: str) -> None:
             "MLFLOW_TRACKING_URI / mlflow.tracking_uri at a running one"
         ) from None
 
-
 def store_lock(uri: str) -> FileLock | contextlib.nullcontext:
     """A lock file beside a SQLite db; nothing for a server, which serializes on its own."""
     # SQLite allows one writer, and MLflow creates and migrates the schema on first open:
@@ -166,12 +153,9 @@ def store_lock(uri: str) -> FileLock | contextlib.nullcontext:
         return contextlib.nullcontext()
     return FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
 
-
-# -- 2. which run ------------------------------------------------------------------------
 def new_run_key() -> str:
     """A fresh key for the run of a model about to be trained."""
     return uuid.uuid4().hex
-
 
 def read_run_key() -> str:
     """The run key of the model in models/, as the train stage recorded it."""
@@ -181,46 +165,6 @@ def read_run_key() -> str:
         raise StageError(f"{paths.RUN_ID}: not found (run the train stage first)") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise StageError(f"{paths.RUN_ID}: not a run record (rerun the train stage)") from None
-
-
-# -- 3. what -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    """What MLflow gets of one stage, as dvc.yaml declares it."""
-
-    name: str
-    params: tuple[str, ...]
-    metrics: tuple[Path, ...]
-    files: tuple[Path, ...]
-
-
-def artifact_folder(path: Path) -> str | None:
-    """Where an output goes among the run's artifacts (None: not logged as a file)."""
-    if path == paths.OPENVINO:
-        return "openvino"
-    if path.parts[0] in ("plots", "reports"):
-        return path.parts[0]
-    return None  # inputs of later stages, and the models, which go in as MLflow models
-
-
-def pipeline(file: Path = paths.DVC_YAML) -> list[Stage]:
-    """The stages of dvc.yaml, in order, with their params sections, metrics and files."""
-    stages = yaml.safe_load(file.read_text())["stages"]
-
-    def names(entries: list) -> list[str]:
-        # An entry is a path, or a mapping from a path (or a params file) to its options.
-        return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
-
-    return [
-        Stage(
-            name,
-            tuple(names(spec.get("params", []))),
-            tuple(Path(m) for m in names(spec.get("metrics", []))),
-            tuple(Path(o) for o in names(spec.get("outs", [])) if artifact_folder(Path(o))),
-        )
-        for name, spec in stages.items()
-    ]
-
 
 def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
     """A history row under MLflow names grouped by split: train/loss, val/accuracy, ..."""
@@ -233,35 +177,6 @@ def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
         # Not train/images_per_second: that name holds the whole run's rate (train.json).
         "train/epoch_images_per_second": row["images_per_second"],
     }
-
-
-def prefixed(stage: str, metrics: dict[str, Any], sep: str = "/") -> dict[str, float]:
-    """Flatten nested metrics under the stage name: evaluate/accuracy, benchmark/onnxruntime/..."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{stage}{sep}{key}"
-        if isinstance(value, dict):
-            out.update(prefixed(name, value, sep))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
-
-
-def read_json(file: Path) -> dict[str, Any]:
-    """A metrics file as a dict; empty when the stage has not written it."""
-    try:
-        return json.loads(Path(file).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def read_history() -> list[dict[str, float]]:
-    """Per-epoch rows of plots/train/history.csv as numbers."""
-    if not paths.TRAIN_HISTORY.exists():
-        return []
-    with paths.TRAIN_HISTORY.open() as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
 
 def git_tags() -> dict[str, str]:
     """The commit and dirty flag of the repository the stage runs in."""
@@ -283,7 +198,6 @@ def git_tags() -> dict[str, str]:
         "mlflow.source.git.commit": commit,
     }
 
-
 def import_mlflow() -> Any:
     """MLflow, its loggers kept quiet (it sets them to INFO on import: schema migrations,
     notices)."""
@@ -292,7 +206,6 @@ def import_mlflow() -> Any:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow
-
 
 def experiment_id(client: Any, cfg: MLflow, uri: str) -> str:
     """The configured experiment, made on first use with its files beside a SQLite db."""
@@ -308,7 +221,6 @@ def experiment_id(client: Any, cfg: MLflow, uri: str) -> str:
     # Never into the temporary copy a queued experiment runs in: mlruns/ beside the db.
     db = sqlite_file(uri)
     return client.create_experiment(name, (db.parent / "mlruns").as_uri() if db else None)
-
 
 class Store:
     """The MLflow store, and in it the run of the model in models/ (the helper's side)."""
@@ -575,253 +487,3 @@ class Store:
         """params.yaml and dvc.lock as they stand (dvc.lock lacks the running stage)."""
         for file in (paths.PARAMS, paths.DVC_LOCK):
             self.log_files(file, "snapshot")
-
-
-def before(stage: str, stages: list[Stage]) -> list[Stage]:
-    """The stages that run before `stage` in the pipeline."""
-    names = [s.name for s in stages]
-    return stages[: names.index(stage)] if stage in names else stages
-
-
-# -- 4. when: a helper process beside each stage -----------------------------------------
-class Recorder:
-    """A stage's MLflow helper: `with Recorder("evaluate", params): ...`.
-
-    The helper is started at once (or was, by `prestart`); `ready()` waits until it has
-    opened the run and logged what the earlier stages wrote (train and benchmark wait
-    before timing anything); `log_epoch(row)` hands over one epoch; leaving the block
-    waits while the helper logs this stage's outputs (the run is then FINISHED, or FAILED
-    if the block raised).
-    """
-
-    def __init__(self, stage: str, params: Params, run_key: str | None = None, **tags: Any):
-        self._proc = _PRESTARTED.pop(stage, None)
-        self._ready: str | None = ""
-        if not params.mlflow.enabled:
-            self._proc = None  # a prestarted helper ends when its input does
-            return
-        try:
-            check_store(tracking_uri(params.mlflow))
-            header = {"run_key": run_key or read_run_key(), "tags": tags}
-        except StageError:
-            _end(self._proc)  # a prestarted helper: nothing for it to do
-            raise
-        self._proc = self._proc or start_helper(stage)
-        self._ready = None
-        self._send(json.dumps(header))
-
-    def ready(self) -> None:
-        """Wait until the run is open; a store that cannot be used stops the stage here."""
-        if self._ready is None:
-            self._ready = self._proc.stdout.readline().strip()
-        if self._ready.startswith("error: "):
-            raise StageError(self._ready.removeprefix("error: "))
-
-    def log_epoch(self, row: dict[str, float]) -> None:
-        """One finished epoch's row, logged by the helper as CPU time allows."""
-        self._send(json.dumps(row))
-
-    def _send(self, line: str) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(OSError, ValueError):  # the helper is gone: it warned
-            self._proc.stdin.write(line + "\n")
-            self._proc.stdin.flush()
-
-    def close(self, ok: bool) -> None:
-        """Let the helper log this stage's outputs (when ok) and close the run; wait for it."""
-        if self._proc is None:
-            return
-        if ok:
-            self._send("done")
-        with contextlib.suppress(OSError, ValueError):
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=HELPER_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-            log.warning("the MLflow helper took over %d s; %s", HELPER_TIMEOUT_S, SYNC_HINT)
-            return
-        if (self._ready or "").startswith("error: "):
-            return  # ready() raised it as the stage's error
-        # A failure ready() did not hear of: one warning, and the stage goes on.
-        unread = self._proc.stdout.read().splitlines()
-        error = next((line for line in unread if line.startswith("error: ")), None)
-        if error:
-            log.warning(
-                "MLflow logging failed (%s); the stage goes on; %s",
-                error.removeprefix("error: "),
-                SYNC_HINT,
-            )
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(ok=exc_type is None)
-
-
-# Helpers started before their stage's module was imported (`python -m stages <stage>`).
-_PRESTARTED: dict[str, subprocess.Popen] = {}
-
-
-def start_helper(stage: str) -> subprocess.Popen:
-    """`python -m stages.tracking record STAGE`, talking over its stdin and stdout."""
-    argv = [sys.executable, "-m", "stages.tracking", "record", stage]
-    try:
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    except OSError as exc:
-        raise StageError(f"mlflow: cannot start the helper process: {exc}") from None
-
-
-def prestart(stage: str, params: Params) -> None:
-    """Start the stage's helper now, so that importing MLflow and opening the store happen
-    while the stage imports PyTorch; the stage's Recorder (in this process) takes it over."""
-    if params.mlflow.enabled and stage not in _PRESTARTED:
-        _PRESTARTED[stage] = start_helper(stage)
-
-
-def discard(stage: str) -> None:
-    """End a prestarted helper that no Recorder will take."""
-    _end(_PRESTARTED.pop(stage, None))
-
-
-def _end(proc: subprocess.Popen | None) -> None:
-    """Stop a helper that has no header yet, so has logged nothing."""
-    if proc is not None:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def maybe(recorder: Recorder | None) -> Iterator[Recorder | None]:
-    """A context for an optional recorder (None on ranks other than 0)."""
-    if recorder is None:
-        yield None
-        return
-    with recorder:
-        yield recorder
-
-
-class _Stopped(BaseException):
-    """SIGTERM in the helper: the stage's process group is being ended."""
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise _Stopped
-
-
-def _idle_priority() -> None:
-    # The helper may use only CPU time the stage leaves unused (SCHED_IDLE on Linux, the
-    # lowest nice level elsewhere), so it never slows training or a measurement.
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.nice(19)
-
-
-def record(stage: str) -> None:
-    """`python -m stages.tracking record STAGE`: the helper behind a Recorder.
-
-    Its input: one line {"run_key", "tags"}, then one line per finished epoch (train), then
-    "done" once the stage has written its outputs; an input that ends before "done" means
-    the stage failed or died. Its output: "ready" once the run is open, or "error: ...".
-    """
-    from stages import logs
-
-    _idle_priority()
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    # Anything a library prints must not garble the reply: stdout now goes to stderr.
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # Ctrl-C reaches the whole process group: the stage decides, and closes our stdin.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # torchrun ends a worker with SIGTERM to its process group (this helper included).
-    signal.signal(signal.SIGTERM, _stop)
-    logs.setup(stage)
-    store: Store | None = None
-    status = "FAILED"
-    try:
-        params = load_params()
-        stages = pipeline()
-        earlier = before(stage, stages)
-        mine = [s for s in stages if s.name == stage]
-        store = Store(params, stage)
-        header = sys.stdin.readline()
-        if not header:  # the stage ended before it got to its Recorder
-            os._exit(0)
-        header = json.loads(header)
-        if store.open_run(header["run_key"], header["tags"]) and stage != "train":
-            log.warning("MLflow had no run of the model in models/: filling it from the outputs")
-        if stage == "train" and params.mlflow.system_metrics:
-            store.watch_system()
-        store.log_stages(earlier)
-        store.log_params(mine)
-        replies.write("ready\n")
-        if stage in PACKAGED_WITH:
-            store.log_model(PACKAGED_WITH[stage])
-        for line in sys.stdin:
-            if line.strip() != "done":
-                store.log_epochs([json.loads(line)])
-                continue
-            store.log_stages(mine)
-            store.log_snapshot()
-            status = "FINISHED"
-            break
-    except _Stopped:
-        pass
-    except Exception as exc:
-        # The stage hears of it: at ready() it stops (nothing is computed yet), at its
-        # end it warns and goes on (its outputs are written).
-        with contextlib.suppress(OSError):  # the stage may have ended already
-            replies.write(f"error: {exc if isinstance(exc, StageError) else first_line(exc)}\n")
-        store = None
-        with contextlib.suppress(_Stopped):
-            for _ in sys.stdin:  # let the stage finish writing without a broken pipe
-                pass
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if store is not None and store.run_id:
-        with contextlib.suppress(Exception):
-            store.finish(status)
-    sys.stderr.flush()
-    # Skip the interpreter's teardown of MLflow's modules: nothing waits for it.
-    os._exit(0)
-
-
-# -- 5. sync -----------------------------------------------------------------------------
-def sync(params: Params) -> str:
-    """Log every stage's DVC outputs into the model's run (a new store, after an outage)."""
-    uri = tracking_uri(params.mlflow)
-    check_store(uri)
-    try:
-        store = Store(params, "tracking")
-        store.open_run(read_run_key(), {})
-        store.log_stages(pipeline())
-        for name in (PYTORCH_MODEL, ONNX_MODEL):
-            store.log_model(name)
-        store.log_snapshot()
-        store.finish("FINISHED")
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(f"mlflow: the sync into {uri} failed: {first_line(exc)}") from None
-    return store.run_id
-
-
-def main(argv: list[str]) -> None:
-    """`python -m stages.tracking sync`: log the DVC outputs into MLflow."""
-    if argv[:1] == ["record"] and len(argv) == 2:
-        record(argv[1])
-        return
-    from stages import logs
-
-    logs.setup("tracking")
-    if argv != ["sync"]:
-        raise StageError("usage: python -m stages.tracking sync")
-    run_id = sync(load_params())
-    log.info("synced the DVC outputs into MLflow run %s", run_id)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

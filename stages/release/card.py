@@ -1,14 +1,11 @@
-"""reports/model_card.md: what a run's model is, how good, how fast, and why it ships (or not).
-
-The promote stage writes it from the other stages' outputs and its own decision; the MLflow
-run's description (and the registered version's) is the same text, so the run explains
-itself in the MLflow UI.
-"""
+"""x"""
 
 from __future__ import annotations
 
 import csv
+
 from collections import Counter
+
 from typing import TYPE_CHECKING, Any
 
 from stages import datasets, paths, tracking
@@ -16,6 +13,8 @@ from stages import datasets, paths, tracking
 if TYPE_CHECKING:
     from stages.params import Params, Promote
     from stages.promote import Decision, Deployable
+
+
 
 # The params a reader needs to judge a model; the rest is in params.yaml and the run.
 KEY_PARAMS = (
@@ -29,40 +28,13 @@ KEY_PARAMS = (
     "train.label_smoothing",
     "train.augment_shift",
 )
+
 # A full confusion matrix up to this many classes; beyond it, the most frequent mistakes.
 MATRIX_CLASSES = 20
+
 MISTAKES = 10
+
 NAN = float("nan")  # a metric a stage did not write shows as nan
-
-
-def read_csv(file) -> list[dict[str, str]]:
-    """Rows of a CSV output; none when the stage did not write it."""
-    try:
-        with open(file, newline="") as fh:
-            return list(csv.DictReader(fh))
-    except FileNotFoundError:
-        return []
-
-
-def read_results() -> dict[str, Any]:
-    """Every earlier stage's metrics and tables, the class counts of each split and the
-    test split's digest."""
-    results: dict[str, Any] = {
-        "train": tracking.read_json(paths.TRAIN_METRICS),
-        "evaluate": tracking.read_json(paths.EVALUATE_METRICS),
-        "export": tracking.read_json(paths.EXPORT_METRICS),
-        "convert": tracking.read_json(paths.CONVERT_METRICS),
-        "benchmark": tracking.read_json(paths.BENCHMARK_METRICS),
-        "history": read_csv(paths.TRAIN_HISTORY),
-        "per_class": read_csv(paths.PER_CLASS),
-        "confusion": read_csv(paths.CONFUSION),
-        "runtimes": read_csv(paths.BENCHMARK_PLOT),
-    }
-    splits = {name: datasets.load_split(name) for name in paths.SPLITS}
-    results["class_counts"] = {name: Counter(s.labels.tolist()) for name, s in splits.items()}
-    results["test_digest"] = datasets.split_digest(splits["test"])
-    return results
-
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     """A markdown table; numbers right-aligned."""
@@ -74,13 +46,11 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return lines
 
-
 def cell(value: Any) -> str:
     """A value as a table cell: 4 significant digits, whole numbers above 1,000."""
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
-
 
 def number(text: str) -> float | str:
     """A CSV cell as a number when it is one."""
@@ -88,7 +58,6 @@ def number(text: str) -> float | str:
         return float(text)
     except (TypeError, ValueError):
         return text
-
 
 def data_section(meta: dict[str, Any], counts: dict[str, Counter], test: str) -> list[str]:
     """Source, digests, split sizes and class counts."""
@@ -105,7 +74,6 @@ def data_section(meta: dict[str, Any], counts: dict[str, Counter], test: str) ->
     rows = [[name, *(counts[s].get(i, 0) for s in paths.SPLITS)] for i, name in enumerate(classes)]
     rows.append(["**all**", *(sum(counts[s].values()) for s in paths.SPLITS)])
     return lines + table(header, rows)
-
 
 def training_section(params: Params, results: dict[str, Any]) -> list[str]:
     """The params that matter, the training numbers and the per-epoch curves."""
@@ -124,7 +92,6 @@ def training_section(params: Params, results: dict[str, Any]) -> list[str]:
         rows = [[number(row[k]) for k in keys] for row in history]
         lines += ["", "### Curves", *table(keys, rows), "", f"![curves](../{paths.TRAIN_CURVES})"]
     return lines
-
 
 def scores_section(results: dict[str, Any], classes: list[str]) -> list[str]:
     """Test scores of PyTorch, per class, and the confusion matrix."""
@@ -155,7 +122,6 @@ def scores_section(results: dict[str, Any], classes: list[str]) -> list[str]:
             ["actual", "predicted", "images"], [[a, p, n] for n, a, p in wrong[:MISTAKES]]
         )
     return lines
-
 
 def runtime_section(results: dict[str, Any], change: dict[str, float]) -> list[str]:
     """ONNX parity, the INT8 attempts and accuracy change, and the runtime table."""
@@ -199,7 +165,6 @@ def runtime_section(results: dict[str, Any], change: dict[str, float]) -> list[s
         )
     return lines
 
-
 def decision_section(deployable: Deployable, decision: Decision, cfg: Promote) -> list[str]:
     """What ships, the registry's decision and every reason."""
     lines = ["## Release", f"Deployable model: {deployable.reason}."]
@@ -210,7 +175,6 @@ def decision_section(deployable: Deployable, decision: Decision, cfg: Promote) -
         )
     lines += ["", *[f"- {reason}" for reason in decision.reasons]]
     return lines
-
 
 def render(
     meta: dict[str, Any],
