@@ -46,7 +46,7 @@ from stages.outputs import load_torch, save_torch, write_csv, write_json
 
 from stages.params import Params, Train, load_params
 
-from stages.training.loop import Batches, StepFn, amp_dtype, autocast_for, evaluate, make_step, seed_everything, train_epoch, wrap
+from stages.training.engine import Batches, StepFn, amp_dtype, autocast_for, evaluate, make_step, seed_everything, train_epoch, wrap
 from stages.training.optim import make_optimizer, make_scheduler
 from stages.training.checkpoint import checkpoint_key, load_checkpoint, rng_state, set_rng_state
 

@@ -51,7 +51,7 @@ from stages.errors import StageError, first_line
 from stages.params import MLflow, Params, load_params
 
 from stages.core.dvcyaml import before, pipeline
-from stages.tracking.store import ONNX_MODEL, PYTORCH_MODEL, SYNC_HINT, Store, check_store, read_run_key, tracking_uri
+from stages.tracking.mlflow_store import ONNX_MODEL, PYTORCH_MODEL, SYNC_HINT, Store, check_store, read_run_key, tracking_uri
 from stages.tools.sync import sync
 
 
