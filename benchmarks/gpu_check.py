@@ -524,7 +524,7 @@ def saved_on(file: Path) -> list[str]:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of the test split the model gets right (fp32, on the model's device)."""
-    from stages import datasets
+    from stages.data import datasets
 
     device = next(model.parameters()).device
     model.eval()
@@ -539,7 +539,7 @@ def train_stage(
     entry: dict[str, Any], run: Run, repo: Path, params: dict, runner: Runner, sizes: Sizes
 ) -> None:
     """The train stage as dvc.yaml runs it; its metrics, per-epoch rates and test accuracy."""
-    from stages import models
+    from stages.models import zoo
 
     params = json.loads(json.dumps(params))
     params["train"].update(
@@ -569,7 +569,7 @@ def train_stage(
         val_accuracy=round(metrics["val_accuracy"], 4),
         weights_saved_from=saved_on(repo / "models/model.pt"),
     )
-    model, _ = models.load(repo / "models/model.pt")
+    model, _ = zoo.load(repo / "models/model.pt")
     device = "cuda" if torch.cuda.is_available() and params["train"]["device"] == "cuda" else "cpu"
     entry["test_accuracy"] = round(accuracy(model.to(device), *load_split(repo, "test")), 4)
     kept = repo / "runs" / run.name
@@ -591,7 +591,7 @@ def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes:
     """PyTorch's MNIST example on the same GPU, net, optimizer, images and epochs."""
     from torchvision import transforms
 
-    from stages import models
+    from stages.models import zoo
 
     device = torch.device(params["train"]["device"])
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
@@ -606,7 +606,7 @@ def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes:
         pin_memory=device.type == "cuda",
     )
     torch.manual_seed(params["seed"])
-    builder = models.ZOO[params["model"]["name"]][0]
+    builder = zoo.ZOO[params["model"]["name"]][0]
     model = builder(meta["channels"], meta["image_size"], len(meta["classes"])).to(device)
     cfg = params["train"]
     optimizer = torch.optim.AdamW(
@@ -629,7 +629,7 @@ def textbook(entry: dict[str, Any], batch: int, repo: Path, params: dict, sizes:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     images, labels = load_split(repo, "test")
-    normalized = torch.nn.Sequential(models.Normalize(mean, std), model).to(device)
+    normalized = torch.nn.Sequential(zoo.Normalize(mean, std), model).to(device)
     entry.update(
         batch_size=batch,
         num_workers=sizes.workers,
@@ -661,8 +661,10 @@ def nccl_worker(repo: Path, out: Path) -> None:
 
     os.chdir(repo)
     sys.path.insert(0, str(repo))
-    from stages import datasets, dist, train
-    from stages.params import load_params
+    from stages import train
+    from stages.core.params import load_params
+    from stages.data import datasets
+    from stages.training import dist, engine
 
     class Distributed(dist.Context):
         """A world of one that still wraps the model in DDP, as a world of several does."""
@@ -682,7 +684,7 @@ def nccl_worker(repo: Path, out: Path) -> None:
     tdist.init_process_group(backend, device_id=device if cuda else None)
     ctx = dist.setup(params.train.device, params.runtime.threads)  # joins no second group
     ctx = Distributed(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, ctx.device)
-    train.seed_everything(params.seed, params.train.deterministic, params.train.compile)
+    engine.seed_everything(params.seed, params.train.deterministic, params.train.compile)
     job = train.setup(params, datasets.load_meta(), ctx)
     rows = [train.run_epoch(job, epoch, ctx) for epoch in range(1, params.train.epochs + 1)]
     summed = dist.all_reduce_sum(torch.ones(3, device=device)).tolist()
@@ -739,7 +741,8 @@ def export(entry: dict[str, Any], run: str, repo: Path, params: dict, runner: Ru
     """The export stage on a kept CUDA-trained model; parity of ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
-    from stages import datasets, models
+    from stages.data import datasets
+    from stages.models import zoo
 
     write_params(repo, params)
     (repo / "models").mkdir(exist_ok=True)
@@ -758,7 +761,7 @@ def export(entry: dict[str, Any], run: str, repo: Path, params: dict, runner: Ru
     # use TF32) against ONNX Runtime, for information.
     if torch.cuda.is_available() and params["train"]["device"] == "cuda":
         images, _ = load_split(repo, "test")
-        model, _ = models.load(repo / "models/model.pt")
+        model, _ = zoo.load(repo / "models/model.pt")
         model = model.cuda()
         session = ort.InferenceSession(
             str(repo / "models/model.onnx"), providers=["CPUExecutionProvider"]

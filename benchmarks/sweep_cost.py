@@ -41,14 +41,14 @@ def trial_costs(repo: Path, study: str) -> list[tuple[float, float]]:
     """(trial wall seconds, training-loop seconds) of each finished trial of a study."""
     import optuna
 
-    from stages import sweep
+    from stages.sweep import driver
 
     found = optuna.load_study(study_name=study, storage=f"sqlite:///{repo / 'optuna.db'}")
     out = []
     with contextlib.chdir(repo):  # where the sweep's experiments are
         for trial in found.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-            ref = sweep.exp_ref(trial.user_attrs["experiment"])
-            train = sweep.exp_metrics(ref, "train")["train/train_seconds"]
+            ref = driver.exp_ref(trial.user_attrs["experiment"])
+            train = driver.exp_metrics(ref, "train")["train/train_seconds"]
             out.append((trial.user_attrs["seconds"], train))
     return out
 

@@ -49,8 +49,10 @@ from workspace import copy_tree, cpu_name, run
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages import datasets, dist, models, sources, train  # noqa: E402
-from stages.params import Train, load_params  # noqa: E402
+from stages.core.params import Train, load_params  # noqa: E402
+from stages.data import datasets, sources  # noqa: E402
+from stages.models import zoo  # noqa: E402
+from stages.training import dist, engine, optim  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -113,7 +115,7 @@ def config_for(images: torch.Tensor) -> dict:
     """The model config the train stage would build for these images."""
     mean, std = datasets.channel_stats(images)
     meta = {"channels": 1, "image_size": 28, "classes": [str(i) for i in range(10)]}
-    return models.model_config("cnn", {**meta, "mean": mean, "std": std})
+    return zoo.model_config("cnn", {**meta, "mean": mean, "std": std})
 
 
 # -- the three loops ------------------------------------------------------------------------
@@ -127,20 +129,20 @@ class Stage:
 
         self.cfg = cfg
         self.ctx = ctx or dist.Context(0, 1, 0, 1, torch.device("cpu"))
-        self.data = train.Batches(images, labels)
-        self.raw = models.build(config)
+        self.data = engine.Batches(images, labels)
+        self.raw = zoo.build(config)
         if cfg.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
-        self.model = model = train.wrap(self.raw, self.ctx, cfg.compile)
-        optimizer = train.make_optimizer(self.raw, cfg)
+        self.model = model = engine.wrap(self.raw, self.ctx, cfg.compile)
+        optimizer = optim.make_optimizer(self.raw, cfg)
         self.sampler = torch.utils.data.DistributedSampler(
             range(len(labels)), self.ctx.world_size, self.ctx.rank, shuffle=True, seed=0
         )
         steps = -(-self.sampler.num_samples // cfg.batch_size)
-        scheduler = train.make_scheduler(optimizer, cfg, steps)
+        scheduler = optim.make_scheduler(optimizer, cfg, steps)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        autocast = train.autocast_for(self.ctx.device, train.amp_dtype(cfg, self.ctx.device))
-        self.step = train.make_step(model, self.raw, optimizer, scheduler, scaler, cfg, autocast)
+        autocast = engine.autocast_for(self.ctx.device, engine.amp_dtype(cfg, self.ctx.device))
+        self.step = engine.make_step(model, self.raw, optimizer, scheduler, scaler, cfg, autocast)
         self.epoch, self.order = 0, []
         # A real bar, updated as rank 0 of the stage updates it, only drawn nowhere.
         self.sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the loop
@@ -154,7 +156,7 @@ class Stage:
             self.order = list(self.sampler)
         take = self.order if limit is None else self.order[:limit]
         self.order = self.order[len(take) :]
-        totals = train.train_epoch(self.model, self.data, take, self.step, self.cfg, self.bar)
+        totals = engine.train_epoch(self.model, self.data, take, self.step, self.cfg, self.bar)
         return int(dist.all_reduce_sum(totals)[2])
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -175,8 +177,8 @@ class Textbook:
         self.mean, self.std = config["mean"][0], config["std"][0]
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
         self.batches = enumerate(self.loader)
-        self.model = models.ZOO["cnn"][0](1, 28, 10)
-        self.optimizer = train.make_optimizer(self.model, cfg)
+        self.model = zoo.ZOO["cnn"][0](1, 28, 10)
+        self.optimizer = optim.make_optimizer(self.model, cfg)
 
     def run(self, limit: int | None = None) -> int:
         """The next `limit` images (default: the rest of the epoch); images trained on."""
@@ -215,8 +217,8 @@ class Ceiling:
         self.y = labels[order].contiguous()
         self.batch_size = cfg.batch_size
         self.position = 0
-        self.model = models.ZOO["cnn"][0](1, 28, 10)
-        self.optimizer = train.make_optimizer(self.model, cfg)
+        self.model = zoo.ZOO["cnn"][0](1, 28, 10)
+        self.optimizer = optim.make_optimizer(self.model, cfg)
 
     def run(self, limit: int | None = None) -> int:
         """The next `limit` images, batch after batch, round and round; images trained on."""
@@ -297,7 +299,7 @@ def ddp_worker(args: argparse.Namespace) -> None:
     """Inside torchrun: the stage's loop for `--epochs` epochs; rank 0 writes img/s."""
     ctx = dist.setup("cpu", args.threads)
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(0, cfg.deterministic, cfg.compile)
+    engine.seed_everything(0, cfg.deterministic, cfg.compile)
     images, labels, _ = mnist_like(args.images, 0)
     loop = Stage(images, labels, config_for(images), cfg, ctx)
     loop.run()  # warm-up (oneDNN primitives, gloo buffers): an untimed first epoch
@@ -343,7 +345,7 @@ def stage_repo(tmp: Path, args: argparse.Namespace) -> tuple[Path, str]:
     params["train"].update(epochs=args.stage_epochs, batch_size=args.batch_size)
     params["runtime"]["threads"] = args.threads
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run([sys.executable, "-m", "stages.prepare"], repo)
+    run([sys.executable, "-m", "stages", "prepare"], repo)
     return repo, source
 
 
@@ -372,7 +374,7 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     split = datasets.load_split("train")
     cfg = train_cfg(args.batch_size)
     # the kernels the stage (and main()) runs
-    train.seed_everything(0, cfg.deterministic, cfg.compile)
+    engine.seed_everything(0, cfg.deterministic, cfg.compile)
     loop = Ceiling(split.images, split.labels, config_for(split.images), cfg)
     rate = timed(loop, args.epochs * len(split.labels))
     Path(args.out).write_text(json.dumps({"rate": rate}))
@@ -438,7 +440,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = train_cfg(args.batch_size)
-    train.seed_everything(0, cfg.deterministic, cfg.compile)
+    engine.seed_everything(0, cfg.deterministic, cfg.compile)
     images, labels, source = mnist_like(args.images, 0)
     config = config_for(images)
     variants = {"textbook": (Textbook, cfg), "stage": (Stage, cfg), "ceiling": (Ceiling, cfg)}

@@ -1,5 +1,2 @@
-"""A declarative experiment pipeline for PyTorch vision models (one module per DVC stage)."""
-
-from stages.errors import install_excepthook
-
-install_excepthook()
+"""A declarative experiment pipeline for PyTorch vision models: the stage modules at the top
+(one per DVC stage), libraries in sub-packages by topic, the console scripts in tools/."""

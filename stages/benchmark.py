@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import datasets, logs, paths, plots, runtimes, tracking
-from stages.errors import StageError
-from stages.outputs import write_csv, write_json
-from stages.params import Benchmark, Params, load_params
+from stages.core import logs, paths, plots
+from stages.core.errors import StageError
+from stages.core.outputs import write_csv, write_json
+from stages.core.params import Benchmark, Params
+from stages.data import datasets
+from stages.models import runtimes
+from stages.tracking import helper
 
-log = logging.getLogger("stages.benchmark")
+log = logging.getLogger(__name__)
 ROUNDS = 3  # each runtime measured in turns, so drift of the machine hits all alike
 
 
@@ -149,10 +152,10 @@ def present_files() -> dict[str, Path]:
 
 def main(params: Params) -> None:
     """Measure every model file on the same inputs and threads; write benchmark.json."""
-    log = logs.setup("benchmark")
+    logs.setup("benchmark")
     cfg = params.benchmark
     threads = runtimes.cores(cfg.threads)
-    with tracking.Recorder("benchmark", params) as recorder:
+    with helper.Recorder("benchmark", params) as recorder:
         files = present_files()
         one, batch = inputs(datasets.load_split("test"), cfg.batch_size)
         models = {name: runtimes.load(file, threads) for name, file in files.items()}
@@ -210,7 +213,3 @@ def table(results: dict[str, dict[str, float]], threads: int, batch_size: int) -
         }
         rows.append(row | {key: result.get(key, "") for key in columns})
     return rows
-
-
-if __name__ == "__main__":
-    main(load_params())

@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages import datasets, logs, paths, runtimes, tracking
-from stages.errors import StageError
-from stages.outputs import atomic_dir, write_json
-from stages.params import OpenVINO, Params, load_params
+from stages.core import logs, paths
+from stages.core.errors import StageError
+from stages.core.outputs import atomic_dir, write_json
+from stages.core.params import OpenVINO, Params
+from stages.data import datasets
+from stages.models import runtimes
+from stages.tracking import helper
 
-log = logging.getLogger("stages.convert")
+log = logging.getLogger(__name__)
 # Accuracies are fractions of a few hundred images: a drop of exactly the allowed amount
 # (0.990 - 0.985) must not fail on the last bit of a float subtraction.
 EPSILON = 1e-9
@@ -243,7 +246,7 @@ def main(params: Params) -> None:
     """Write models/openvino/ (FP16 + the first INT8 that passes) and their test accuracy."""
     logs.setup("convert")
     cfg = params.openvino
-    with tracking.Recorder("convert", params):
+    with helper.Recorder("convert", params):
         if not paths.ONNX.exists():
             raise StageError(f"{paths.ONNX}: not found (run the export stage first)")
         test = datasets.load_split("test")
@@ -274,7 +277,3 @@ def main(params: Params) -> None:
             precision = runtimes.openvino_precision(variants["fp16"])
         write_json(paths.CONVERT_METRICS, metrics)
     report(int8, metrics, precision, accuracy_pytorch)
-
-
-if __name__ == "__main__":
-    main(load_params())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
@@ -10,9 +12,14 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from stages import datasets, logs, paths, plots, runtimes, tracking
-from stages.outputs import write_csv, write_json
-from stages.params import Params, load_params
+from stages.core import logs, paths, plots
+from stages.core.outputs import write_csv, write_json
+from stages.core.params import Params
+from stages.data import datasets
+from stages.models import runtimes
+from stages.tracking import helper
+
+log = logging.getLogger(__name__)
 
 
 def scores(
@@ -46,8 +53,8 @@ def scores(
 
 def main(params: Params) -> None:
     """Score models/model.pt on the test split; write metrics, per-class scores, confusion."""
-    log = logs.setup("evaluate")
-    with tracking.Recorder("evaluate", params):
+    logs.setup("evaluate")
+    with helper.Recorder("evaluate", params):
         classes = datasets.load_meta()["classes"]
         test = datasets.load_split("test")
         model = runtimes.pytorch(paths.MODEL)
@@ -73,7 +80,3 @@ def main(params: Params) -> None:
         summary["loss"],
         len(labels),
     )
-
-
-if __name__ == "__main__":
-    main(load_params())

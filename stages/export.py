@@ -10,12 +10,15 @@ import numpy as np
 import onnx
 import torch
 
-from stages import datasets, logs, models, paths, runtimes, tracking
-from stages.errors import StageError, first_line
-from stages.outputs import atomic_file, write_json
-from stages.params import Export, Params, load_params
+from stages.core import logs, paths
+from stages.core.errors import StageError, first_line
+from stages.core.outputs import atomic_file, write_json
+from stages.core.params import Export, Params
+from stages.data import datasets
+from stages.models import runtimes, zoo
+from stages.tracking import helper
 
-log = logging.getLogger("stages.export")
+log = logging.getLogger(__name__)
 NAMES = {"input_names": ["images"], "output_names": ["logits"]}
 
 
@@ -123,14 +126,14 @@ def main(params: Params) -> None:
     """Export models/model.pt to models/model.onnx and gate it on parity with PyTorch."""
     logs.setup("export")
     cfg = params.export
-    with tracking.Recorder("export", params):
-        model, config = models.load(paths.MODEL)
+    with helper.Recorder("export", params):
+        model, config = zoo.load(paths.MODEL)
         test = datasets.load_split("test")
         reference = runtimes.logits(runtimes.pytorch(paths.MODEL), test.images)
         # Exported to a temporary file and moved into place only when every check passed:
         # a failed gate leaves no half-checked model for convert to pick up.
         with atomic_file(paths.ONNX) as tmp:
-            exporter = to_onnx(model, models.example_input(config, 2), tmp, cfg)
+            exporter = to_onnx(model, zoo.example_input(config, 2), tmp, cfg)
             result = verify(tmp, reference, test.images, cfg)
         write_json(paths.EXPORT_METRICS, result)
     log.info(
@@ -143,7 +146,3 @@ def main(params: Params) -> None:
         result["argmax_agreement"],
         len(test),
     )
-
-
-if __name__ == "__main__":
-    main(load_params())

@@ -12,21 +12,26 @@ process: no torchrun agent and no worker importing PyTorch a second time (about 
 
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 import signal
 import sys
 
-from stages import logs, processes, tracking
-from stages.errors import StageError
-from stages.params import load_params
+from stages.core import logs, processes
+from stages.core.entry import exit_now, install_excepthook
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.tracking import helper
+
+log = logging.getLogger(__name__)
 
 NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 
 
 def resolve(argv: list[str]) -> list[str]:
     """torchrun's arguments with `--nproc-per-node auto` replaced by a process count."""
-    from stages import dist  # PyTorch
+    from stages.training import dist
 
     out: list[str] = []
     for arg in argv:
@@ -58,11 +63,11 @@ def run_here(args) -> None:
 def main(argv: list[str]) -> None:
     """Validate params, then hand over to torchrun's own entry point."""
     params = load_params()
-    log = logs.setup("launch")
+    logs.setup("launch")
     # Should a single process train here, its MLflow helper starts before PyTorch's import
     # (not for any other script: no Recorder would take the helper).
     if argv[-3:] == ["-m", "stages", "train"]:
-        tracking.prestart("train", params)
+        helper.prestart("train", params)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -90,7 +95,7 @@ def main(argv: list[str]) -> None:
     if alone:
         run_here(args)  # SIGTERM ends it as it would end a worker
         return
-    tracking.discard("train")  # rank 0 of the workers starts its own
+    helper.discard("train")  # rank 0 of the workers starts its own
     try:
         run(args)
     except ChildFailedError as exc:
@@ -105,7 +110,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    install_excepthook()
     main(sys.argv[1:])
-    from stages.__main__ import exit_now
-
     exit_now()  # the workers have ended: skip tearing PyTorch down

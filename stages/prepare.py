@@ -8,11 +8,12 @@ import math
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from stages import datasets, logs, paths, sources
-from stages.datasets import Source, Split
-from stages.errors import StageError
-from stages.outputs import atomic_dir, write_json
-from stages.params import Data, Params, load_params
+from stages.core import logs, paths
+from stages.core.errors import StageError
+from stages.core.outputs import atomic_dir, write_json
+from stages.core.params import Data, Params
+from stages.data import datasets, sources
+from stages.data.datasets import Source, Split
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def make_splits(source: Source, cfg: Data, seed: int) -> dict[str, Split]:
 
 def main(params: Params) -> None:
     """Read `data.source`, make train/val/test, write them to data/prepared/."""
-    log = logs.setup("prepare")
+    logs.setup("prepare")
     cfg = params.data
     source = sources.read(cfg)
     splits = make_splits(source, cfg, params.seed)
@@ -90,7 +91,3 @@ def main(params: Params) -> None:
         cfg.image_size,
         cfg.image_size,
     )
-
-
-if __name__ == "__main__":
-    main(load_params())

@@ -1,43 +1,44 @@
-"""x"""
+"""Stage promote: the run's deployable model into MLflow's registry; `@champion` moves only
+on paired evidence.
+
+    dvc repro                                 runs it last, after benchmark
+    dvc repro -f -s promote                   decides again against today's registry
+    vision-rollback [N]                       points @champion back at the champion before
+                                              (or at version N)
+
+The deployable model is the INT8 IR when it passed its gate and is faster than the FP16 IR
+by promote.min_speedup, else the FP16 IR: an MLflow pyfunc model (stages/release/ir_model.py) in
+models/deployable/, logged into the run and registered as a new version of
+promote.registered_model. The version becomes `@champion` when every gate passed and it
+beats the current champion on the same test images by more than chance (a paired
+bootstrap of the metric's difference, one-sided at promote.alpha, above
+promote.min_improvement); otherwise `@challenger`, with the reason. metrics/promote.json
+and reports/model_card.md (also the run's description in the MLflow UI) say what was
+decided and why.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-import csv
-
-import argparse
-
-import contextlib
-
-import io
-
 import logging
-
-import sys
-
-from dataclasses import dataclass, field
-
-from pathlib import Path
-
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from stages import datasets, deploy, logs, model_card, paths, runtimes, tracking
-
-from stages.errors import StageError, first_line
-
-from stages.outputs import write_json, write_text
-
-from stages.params import Params, Promote, load_params
-
-from stages.release.gates import Decision, Deployable, check_gates, choose_deployable, decide
+from stages import promote
+from stages.core import dvcyaml, logs, outputs, paths
+from stages.core.errors import StageError, first_line
+from stages.core.outputs import read_csv, write_json, write_text
+from stages.core.params import Params
+from stages.data import datasets
+from stages.models import runtimes
+from stages.release import card, pyfunc
 from stages.release.bootstrap import CHANGE_LEVEL, paired_difference
+from stages.release.gates import Decision, Deployable, check_gates, choose_deployable
 from stages.release.registry import Registry, load_pyfunc, open_store, predict_labels, release
-from stages.tools.rollback import cli
-
 
 log = logging.getLogger(__name__)
+
 
 def int8_change(test: datasets.Split, reference: np.ndarray, seed: int) -> dict[str, float]:
     """INT8's test accuracy minus PyTorch's, with a two-sided paired-bootstrap interval."""
@@ -49,6 +50,7 @@ def int8_change(test: datasets.Split, reference: np.ndarray, seed: int) -> dict[
         "accuracy", labels, int8, reference, 0, CHANGE_LEVEL, "two-sided", seed
     )
     return {"change": change, "low": low, "high": high, "level": CHANGE_LEVEL}
+
 
 def summary(decision: Decision, deployable: Deployable) -> dict[str, Any]:
     """metrics/promote.json: the decision, its reasons and the numbers behind it."""
@@ -66,15 +68,16 @@ def summary(decision: Decision, deployable: Deployable) -> dict[str, Any]:
     out["reasons"] = [deployable.reason, *decision.reasons]
     return out
 
+
 def read_results() -> dict[str, Any]:
     """Every earlier stage's metrics and tables, the class counts of each split and the
     test split's digest."""
     results: dict[str, Any] = {
-        "train": tracking.read_json(paths.TRAIN_METRICS),
-        "evaluate": tracking.read_json(paths.EVALUATE_METRICS),
-        "export": tracking.read_json(paths.EXPORT_METRICS),
-        "convert": tracking.read_json(paths.CONVERT_METRICS),
-        "benchmark": tracking.read_json(paths.BENCHMARK_METRICS),
+        "train": outputs.read_json(paths.TRAIN_METRICS),
+        "evaluate": outputs.read_json(paths.EVALUATE_METRICS),
+        "export": outputs.read_json(paths.EXPORT_METRICS),
+        "convert": outputs.read_json(paths.CONVERT_METRICS),
+        "benchmark": outputs.read_json(paths.BENCHMARK_METRICS),
         "history": read_csv(paths.TRAIN_HISTORY),
         "per_class": read_csv(paths.PER_CLASS),
         "confusion": read_csv(paths.CONFUSION),
@@ -88,14 +91,14 @@ def read_results() -> dict[str, Any]:
 
 def main(params: Params) -> None:
     """Choose, package and gate the deployable model; register it and decide; write the card."""
-    log = logs.setup("promote")
+    logs.setup("promote")
     cfg = params.promote
     store = open_store(params)  # a store that cannot be used stops here, before any work
     meta = datasets.load_meta()
     test = datasets.load_split("test")
-    results = model_card.read_results()
+    results = promote.read_results()
     deployable = choose_deployable(results["convert"], results["benchmark"], cfg)
-    deploy.save(deployable.xml, meta["classes"], image_shape(meta), paths.DEPLOYABLE)
+    pyfunc.save(deployable.xml, meta["classes"], image_shape(meta), paths.DEPLOYABLE)
     images = datasets.to_model_input(test.images).numpy()
     predicted = predict_labels(load_pyfunc(paths.DEPLOYABLE), images, meta["classes"])
     accuracy = float((predicted == test.labels.numpy()).mean())
@@ -108,9 +111,9 @@ def main(params: Params) -> None:
         else:
             registry = Registry(store, cfg.registered_model)
             decision = release(registry, deployable, test, predicted, failed, meta, params)
-        card = model_card.render(meta, params, results, deployable, decision, change, cfg)
+        card_text = card.render(meta, params, results, deployable, decision, change, cfg)
         if store is not None:
-            registry.record(decision, card)
+            registry.record(decision, card_text)
     except StageError:
         raise
     except Exception as exc:
@@ -118,9 +121,9 @@ def main(params: Params) -> None:
             store.finish("FAILED")
         raise StageError(f"promote: MLflow registry: {first_line(exc)}") from None
     write_json(paths.PROMOTE_METRICS, summary(decision, deployable))
-    write_text(paths.MODEL_CARD, card)
+    write_text(paths.MODEL_CARD, card_text)
     if store is not None:
-        store.log_stages([s for s in tracking.pipeline() if s.name == "promote"])
+        store.log_stages([s for s in dvcyaml.pipeline() if s.name == "promote"])
         store.log_snapshot()
         store.finish("FINISHED")
     where = f"{cfg.registered_model} version {decision.version}" if decision.version else "-"
@@ -128,9 +131,7 @@ def main(params: Params) -> None:
     for reason in decision.reasons:
         log.info("  %s", reason)
 
+
 def image_shape(meta: dict[str, Any]) -> tuple[int, int, int]:
     """C, H, W of the images the model takes."""
     return (meta["channels"], meta["image_size"], meta["image_size"])
-
-if __name__ == "__main__":
-    cli()

@@ -1,57 +1,44 @@
-"""x"""
+"""Stage train: one code path for one CPU, one GPU or many processes (torchrun + DDP)."""
 
 from __future__ import annotations
 
-import contextlib
-
-import hashlib
-
 import logging
-
 import math
-
-import random
-
 import sys
-
 import time
-
 from collections.abc import Callable
-
 from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
-import numpy as np
-
 import torch
-
-import torch.nn.functional as F
-
 from torch import nn
-
-from torch.nn.parallel import DistributedDataParallel
-
 from torch.utils.data import DistributedSampler
-
 from tqdm import tqdm
 
-from stages import datasets, dist, logs, models, paths, plots, sweep, tracking
-
-from stages.errors import StageError
-
-from stages.outputs import load_torch, save_torch, write_csv, write_json
-
-from stages.params import Params, Train, load_params
-
-from stages.training.engine import Batches, StepFn, amp_dtype, autocast_for, evaluate, make_step, seed_everything, train_epoch, wrap
-from stages.training.optim import make_optimizer, make_scheduler
+from stages.core import logs, paths, plots
+from stages.core.outputs import save_torch, write_csv, write_json
+from stages.core.params import Params, Train
+from stages.data import datasets
+from stages.models import zoo
+from stages.sweep import trials
+from stages.tracking import helper, mlflow_store
+from stages.training import dist
 from stages.training.checkpoint import checkpoint_key, load_checkpoint, rng_state, set_rng_state
-
+from stages.training.engine import (
+    Batches,
+    StepFn,
+    amp_dtype,
+    autocast_for,
+    evaluate,
+    make_step,
+    seed_everything,
+    train_epoch,
+    wrap,
+)
+from stages.training.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Job:
@@ -70,15 +57,16 @@ class Job:
     step: StepFn
     autocast: Callable[[], Any]
 
+
 def setup(params: Params, meta: dict[str, Any], ctx: dist.Context) -> Job:
     """The data on the training device, the model (DDP when distributed) and its optimizer."""
     cfg = params.train
-    config = models.model_config(params.model.name, meta)
+    config = zoo.model_config(params.model.name, meta)
     train_data = Batches.on(datasets.load_split("train"), ctx.device)
     val_data = Batches.on(datasets.load_split("val"), ctx.device)
     dtype = amp_dtype(cfg, ctx.device)
     autocast = autocast_for(ctx.device, dtype)
-    raw_model = models.build(config).to(ctx.device)
+    raw_model = zoo.build(config).to(ctx.device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(raw_model, cfg)
@@ -101,6 +89,7 @@ def setup(params: Params, meta: dict[str, Any], ctx: dist.Context) -> Job:
         sampler, step, autocast,
     )  # fmt: skip
 
+
 def restore(job: Job, ckpt: dict[str, Any], rank: int) -> list[dict[str, float]]:
     """Load a checkpoint's state into the job; the history of the epochs it had done."""
     job.raw_model.load_state_dict(ckpt["model"])
@@ -109,6 +98,7 @@ def restore(job: Job, ckpt: dict[str, Any], rank: int) -> list[dict[str, float]]
     job.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][rank])
     return ckpt["history"]
+
 
 def run_epoch(job: Job, epoch: int, ctx: dist.Context) -> dict[str, float]:
     """Train one epoch, then score the validation split; the epoch's history row."""
@@ -153,6 +143,7 @@ def run_epoch(job: Job, epoch: int, ctx: dist.Context) -> dict[str, float]:
         "val_images": val_count,
     }
 
+
 def save_checkpoint(job: Job, history: list, key: dict, run_key: str, rngs: list) -> None:
     """models/checkpoint.pt: everything a killed run needs to go on bit-identically."""
     save_torch(
@@ -170,13 +161,15 @@ def save_checkpoint(job: Job, history: list, key: dict, run_key: str, rngs: list
         paths.CHECKPOINT,
     )
 
-def pruned_here(pruning: sweep.Pruning | None, row: dict[str, float], ctx: dist.Context) -> bool:
+
+def pruned_here(pruning: trials.Pruning | None, row: dict[str, float], ctx: dist.Context) -> bool:
     """In a sweep's trial: whether its pruner ends training after this epoch (rank 0
     asks the study, every rank hears the answer); a trial whose sweep died stops."""
-    if not sweep.in_trial():
+    if not trials.in_trial():
         return False
     stop = pruning.should_stop(row) if pruning is not None else False
     return bool(dist.all_reduce_sum(torch.tensor([float(stop)], device=ctx.device)).item())
+
 
 def final_metrics(history: list[dict[str, float]], pruned: bool) -> dict[str, float]:
     """metrics/train.json: the last epoch's scores and the whole run's throughput (and, in
@@ -184,7 +177,7 @@ def final_metrics(history: list[dict[str, float]], pruned: bool) -> dict[str, fl
     last = history[-1]
     seconds = sum(row["seconds"] for row in history)
     images = sum(row["train_images"] for row in history)
-    trial = {"pruned": pruned} if sweep.in_trial() else {}
+    trial = {"pruned": pruned} if trials.in_trial() else {}
     return {
         **trial,
         "val_accuracy": last["val_accuracy"],
@@ -194,6 +187,7 @@ def final_metrics(history: list[dict[str, float]], pruned: bool) -> dict[str, fl
         "images_per_second": images / seconds,
         "train_seconds": seconds,
     }
+
 
 def write_outputs(job: Job, history: list, run_key: str, pruned: bool) -> dict[str, float]:
     """The model, metrics, history and curves, and the run key (rank 0 only)."""
@@ -205,21 +199,22 @@ def write_outputs(job: Job, history: list, run_key: str, pruned: bool) -> dict[s
     write_json(paths.RUN_ID, {"run_key": run_key})
     return metrics
 
+
 def main(params: Params) -> None:
     """Train `model.name` on the prepared data; write the model, metrics and history."""
     ctx = dist.setup(params.train.device, params.runtime.threads)
-    log = logs.setup("train", ctx.rank)
+    logs.setup("train", ctx.rank)
     seed_everything(params.seed, params.train.deterministic, params.train.compile)
     meta = datasets.load_meta()
     key = checkpoint_key(params, meta, ctx.world_size)
-    ckpt = load_checkpoint(key, params.runtime.resume, log)
-    run_key = ckpt["run_key"] if ckpt else tracking.new_run_key()
+    ckpt = load_checkpoint(key, params.runtime.resume)
+    run_key = ckpt["run_key"] if ckpt else mlflow_store.new_run_key()
     recorder = None
     if ctx.is_main:  # started first: it opens the MLflow run while this process sets up
-        recorder = tracking.Recorder(
+        recorder = helper.Recorder(
             "train", params, run_key, world_size=ctx.world_size, device=str(ctx.device)
         )
-    with tracking.maybe(recorder):
+    with helper.optional_recorder(recorder):
         job = setup(params, meta, ctx)
         history = restore(job, ckpt, ctx.rank) if ckpt else []
         if history:
@@ -228,7 +223,7 @@ def main(params: Params) -> None:
             recorder.ready()  # its start-up never competes with training steps
             for row in history:  # epochs a kill left unlogged (it skips the others)
                 recorder.log_epoch(row)
-        pruning = sweep.Pruning.from_env(params, ctx.is_main)  # a sweep's trial reports
+        pruning = trials.Pruning.from_env(params, ctx.is_main)  # a sweep's trial reports
         pruned = False
         for epoch in range(len(history) + 1, params.train.epochs + 1):
             history.append(run_epoch(job, epoch, ctx))
@@ -236,7 +231,7 @@ def main(params: Params) -> None:
             if ctx.is_main:
                 save_checkpoint(job, history, key, run_key, rngs)
                 recorder.log_epoch(history[-1])
-                log_epoch(log, history[-1], params.train.epochs)
+                log_epoch(history[-1], params.train.epochs)
             if epoch < params.train.epochs and pruned_here(pruning, history[-1], ctx):
                 log.info("the sweep's pruner stopped this trial after epoch %d", epoch)
                 pruned = True
@@ -252,7 +247,8 @@ def main(params: Params) -> None:
             )
     dist.teardown()
 
-def log_epoch(log: logging.Logger, row: dict[str, float], epochs: int) -> None:
+
+def log_epoch(row: dict[str, float], epochs: int) -> None:
     """One line per epoch in the stage's log."""
     log.info(
         "epoch %d/%d: loss %.4f, val loss %.4f, val accuracy %.4f, %.0f img/s",
@@ -263,6 +259,3 @@ def log_epoch(log: logging.Logger, row: dict[str, float], epochs: int) -> None:
         row["val_accuracy"],
         row["images_per_second"],
     )
-
-if __name__ == "__main__":
-    main(load_params())

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from stages.processes import usable_cores
+from stages.core.processes import usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clone holds that the pipeline needs (outputs, caches and the venv stay behind).
@@ -277,7 +277,7 @@ class ParamsSpy:
         self.read: set[str] = set()
 
     def __getattr__(self, name: str):
-        from stages.params import Params
+        from stages.core.params import Params
 
         if name in ("flat", "digest"):
             method = getattr(self._params, name)
@@ -326,7 +326,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """
     import importlib
 
-    from stages.params import load_params
+    from stages.core.params import load_params
 
     with built_once(tmp_path_factory, "trained") as (folder, build):
         path = folder / "repo"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import write_params
-from stages import benchmark, paths
-from stages.errors import StageError
-from stages.params import load_params
+from stages import benchmark
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.core.params import load_params
 
 RUNTIMES = ("pytorch", "onnxruntime", "openvino_fp16", "openvino_int8")
 SPREAD = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "throughput", "throughput_p10")

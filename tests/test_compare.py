@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from stages import compare
-from stages.errors import StageError
+from stages.core.errors import StageError
+from stages.tools import compare
 
 
 def test_compare_table_keeps_differing_params_and_ranks_by_the_metric() -> None:

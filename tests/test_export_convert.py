@@ -16,9 +16,12 @@ import yaml
 from onnx import numpy_helper
 
 from conftest import write_params
-from stages import convert, datasets, export, models, paths, runtimes
-from stages.errors import StageError
-from stages.params import ParamsError, load_params
+from stages import convert, export
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.core.params import ParamsError, load_params
+from stages.data import datasets
+from stages.models import runtimes, zoo
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -45,10 +48,10 @@ def test_export_metrics_of_the_real_model(trained: Path) -> None:
 
 
 def test_the_new_exporter_handles_the_models(trained_repo: Path, tmp_path: Path) -> None:
-    model, config = models.load(paths.MODEL)
+    model, config = zoo.load(paths.MODEL)
     cfg = load_params().export
     file = tmp_path / "dynamo.onnx"
-    assert export.to_onnx(model, models.example_input(config, 2), file, cfg) == "dynamo"
+    assert export.to_onnx(model, zoo.example_input(config, 2), file, cfg) == "dynamo"
 
 
 def test_onnx_batch_axis_is_dynamic(trained: Path) -> None:
@@ -124,9 +127,9 @@ def test_failed_gate_keeps_the_previous_onnx(trained_repo: Path) -> None:
 
 def test_legacy_exporter_passes_the_same_gates(trained_repo: Path) -> None:
     cfg = load_params().export.model_copy(update={"legacy": True})
-    model, config = models.load(paths.MODEL)
+    model, config = zoo.load(paths.MODEL)
     file = trained_repo / "legacy.onnx"
-    assert export.to_onnx(model, models.example_input(config, 2), file, cfg) == "torchscript"
+    assert export.to_onnx(model, zoo.example_input(config, 2), file, cfg) == "torchscript"
     reference, images = reference_logits()
     assert export.verify(file, reference, images, cfg)["argmax_agreement"] == 1.0
 

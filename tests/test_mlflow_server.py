@@ -27,9 +27,10 @@ from test_sweep import TRAIN_ONLY, set_sweep
 from train_helpers import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
 
 from conftest import child_env, clone, git, write_params
-from stages import convert, evaluate, export, tracking, train
-from stages.errors import StageError
-from stages.params import load_params
+from stages import convert, evaluate, export, train
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.tools import sync
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +244,7 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
             assert (repo / output_file).exists(), output_file
         warnings = [line for line in output.splitlines() if "MLflow logging failed" in line]
         assert len(warnings) == 1, output[-3000:]
-        assert "python -m stages.tracking sync" in warnings[0]
+        assert "vision-sync" in warnings[0]
         assert "Traceback" not in output
 
         # A later stage stops with one line before any work.
@@ -253,7 +254,7 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         assert not (repo / "metrics/evaluate.json").exists()
 
         postgres.start()  # back, with what it held
-        tracking.main(["sync"])
+        sync.main(["sync"])
         # Through the stage that packages each MLflow model (benchmark records the way
         # evaluate does: not run here).
         for stage in (evaluate, export, convert):
@@ -301,7 +302,7 @@ def test_two_machines_share_one_sweep_study_on_postgresql(
         # What is shared here is the study; the trials' MLflow runs are test_sweep's (a
         # setting: the trials train the same).
         write_params(repo, mlflow={"enabled": False})
-    command = [sys.executable, "-m", "stages.sweep", "--study", "team", "--storage", url]
+    command = [sys.executable, "-m", "stages.tools.sweep", "--study", "team", "--storage", url]
     drivers = [
         subprocess.Popen(
             command, cwd=repo, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, read_params, run_module
-from stages.params import Params, ParamsError, load_params
+from stages.core.params import Params, ParamsError, load_params
 
 
 def test_repository_params_load() -> None:

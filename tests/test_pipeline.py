@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import EXPERIMENT, STAGES, client_for, clone, git, run_dvc, runs_of, write_params
-from stages import deploy, tracking
-from stages.params import load_params
+from stages.core.params import load_params
+from stages.release import pyfunc
+from stages.tracking import mlflow_store
 
 pytestmark = pytest.mark.slow
 REGISTERED = load_params(Path(__file__).parent.parent / "params.yaml").promote.registered_model
@@ -96,7 +97,7 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
     [run] = runs_of(pipeline)
     run_id = run.info.run_id
     key = json.loads((pipeline / "models" / "mlflow_run.json").read_text())["run_key"]
-    assert run.data.tags[tracking.RUN_KEY_TAG] == key
+    assert run.data.tags[mlflow_store.RUN_KEY_TAG] == key
     assert run.info.status == "FINISHED"
 
     params = run.data.params
@@ -145,9 +146,9 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
     assert sorted(m.name for m in found) == [
-        tracking.ONNX_MODEL,
-        deploy.MODEL_NAME,
-        tracking.PYTORCH_MODEL,
+        mlflow_store.ONNX_MODEL,
+        pyfunc.MODEL_NAME,
+        mlflow_store.PYTORCH_MODEL,
     ]
     import mlflow
 

@@ -1,4 +1,4 @@
-"""`python -m stages.predict`: image files through every produced model agree with the
+"""`vision-predict`: image files through every produced model agree with the
 evaluate stage, with the preprocessing of training."""
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import torch
 from PIL import Image
 
 from conftest import run_module
-from stages import paths, predict, prepare, sources
-from stages.errors import StageError
-from stages.params import load_params
+from stages import prepare
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.data import sources
+from stages.tools import predict
 
 MODELS = {
     "pt": paths.MODEL,
@@ -183,7 +186,7 @@ def test_command_line(
                        str(trained / paths.MODEL))  # fmt: skip
     assert rows[0] == ["path", "label", "confidence", "label_2", "confidence_2"]
     assert rows[1][1] == evaluate_predictions(trained)[0]
-    bad = run_module(trained, "-m", "stages.predict", str(tmp_path / "nope.png"))
+    bad = run_module(trained, "-m", "stages.tools.predict", str(tmp_path / "nope.png"))
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope.png'}: no such file or folder"

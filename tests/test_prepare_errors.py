@@ -32,9 +32,8 @@ from test_sources import (
 from train_helpers import inside
 
 from conftest import write_params
-from stages import prepare as stage
-from stages.errors import StageError
-from stages.params import load_params
+from stages.core.errors import StageError
+from stages.core.params import load_params
 
 RAW = Path("data/raw")
 MNIST_RAW = RAW / "MNIST" / "raw"
@@ -55,7 +54,7 @@ def prepare(repo: Path) -> Outcome:
     err = io.StringIO()
     with inside(repo), contextlib.redirect_stderr(err):
         try:
-            stage.main(load_params())
+            prepare.main(load_params())
         except StageError as exc:
             return Outcome(1, f"{err.getvalue()}error: {exc}\n")
     return Outcome(0, err.getvalue())

@@ -13,8 +13,12 @@ import pytest
 from sklearn.metrics import f1_score
 
 from conftest import client_for, runs_of, write_params
-from stages import benchmark, convert, evaluate, export, paths, prepare, promote, tracking, train
-from stages.params import load_params
+from stages import benchmark, convert, evaluate, export, prepare, promote, train
+from stages.core import paths
+from stages.core.params import load_params
+from stages.release import bootstrap, gates, registry
+from stages.tools import rollback
+from stages.tracking import mlflow_store
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = load_params(ROOT / paths.PARAMS).promote
@@ -25,15 +29,15 @@ NAME = CFG.registered_model
 def test_int8_ships_only_when_it_passed_and_is_faster() -> None:
     fast = {"openvino_fp16": {"throughput": 1000.0}, "openvino_int8": {"throughput": 2000.0}}
     slow = {"openvino_fp16": {"throughput": 1000.0}, "openvino_int8": {"throughput": 1100.0}}
-    chosen = promote.choose_deployable({"int8_method": "mixed"}, fast, CFG)
+    chosen = gates.choose_deployable({"int8_method": "mixed"}, fast, CFG)
     assert chosen.runtime == "openvino_int8"
     assert chosen.xml == paths.IR_INT8
     assert "mixed" in chosen.reason and "2.00x" in chosen.reason
-    chosen = promote.choose_deployable({"int8_method": "plain"}, slow, CFG)
+    chosen = gates.choose_deployable({"int8_method": "plain"}, slow, CFG)
     assert chosen.runtime == "openvino_fp16"
     assert "1.10x" in chosen.reason and "promote.min_speedup" in chosen.reason
     fp16_only = {"openvino_fp16": {"throughput": 1000.0}}
-    chosen = promote.choose_deployable({"int8_method": "none"}, fp16_only, CFG)
+    chosen = gates.choose_deployable({"int8_method": "none"}, fp16_only, CFG)
     assert (chosen.runtime, chosen.xml) == ("openvino_fp16", paths.IR_FP16)
 
 
@@ -54,38 +58,38 @@ def test_macro_f1_matches_scikit_learn() -> None:
     labels, new, _ = predictions(30, 0, 200)
     new[:7] = 3  # some classes over-predicted
     expected = f1_score(labels, new, average="macro", labels=range(10), zero_division=0)
-    assert promote.score("macro_f1", labels, new, 10) == pytest.approx(expected)
+    assert bootstrap.score("macro_f1", labels, new, 10) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
 def test_paired_interval_tells_evidence_from_chance(metric: str) -> None:
-    clear = promote.paired_difference(metric, *predictions(30, 2, 300), 10, 0.95, "greater", 1)
+    clear = bootstrap.paired_difference(metric, *predictions(30, 2, 300), 10, 0.95, "greater", 1)
     assert clear[0] > 0 and clear[1] > 0  # 30 against 2 disagreements: more than chance
-    coin = promote.paired_difference(metric, *predictions(6, 4, 300), 10, 0.95, "greater", 1)
+    coin = bootstrap.paired_difference(metric, *predictions(6, 4, 300), 10, 0.95, "greater", 1)
     assert coin[0] > 0 and coin[1] < 0  # 6 against 4: could be chance
     labels, new, _ = predictions(0, 0, 300)
-    same = promote.paired_difference(metric, labels, new, new.copy(), 10, 0.95, "greater", 1)
+    same = bootstrap.paired_difference(metric, labels, new, new.copy(), 10, 0.95, "greater", 1)
     assert same == (0.0, 0.0, 0.0)  # the same predictions: no evidence either way
-    again = promote.paired_difference(metric, *predictions(6, 4, 300), 10, 0.95, "greater", 1)
+    again = bootstrap.paired_difference(metric, *predictions(6, 4, 300), 10, 0.95, "greater", 1)
     assert again == coin  # seeded
 
 
 def test_decision_on_gates_champion_data_and_evidence() -> None:
-    better = promote.compare(*predictions(30, 2, 300), 10, CFG, seed=1)
-    alias, [reason] = promote.decide([], "", True, {}, CFG)
+    better = bootstrap.compare(*predictions(30, 2, 300), 10, CFG, seed=1)
+    alias, [reason] = gates.decide([], "", True, {}, CFG)
     assert (alias, reason.startswith("no champion yet")) == ("champion", True)
-    alias, [reason] = promote.decide(["export stage wrote no metrics"], "3", True, better, CFG)
+    alias, [reason] = gates.decide(["export stage wrote no metrics"], "3", True, better, CFG)
     assert (alias, reason) == ("challenger", "gate failed: export stage wrote no metrics")
-    alias, [reason] = promote.decide([], "3", False, {}, CFG)
+    alias, [reason] = gates.decide([], "3", False, {}, CFG)
     assert alias == "challenger" and reason.startswith("other data: champion version 3")
-    alias, [reason] = promote.decide([], "3", True, better, CFG)
+    alias, [reason] = gates.decide([], "3", True, better, CFG)
     assert alias == "champion" and "better by more than chance" in reason
     assert "30 + 2 images" in reason
     strict = CFG.model_copy(update={"min_improvement": 0.5})
-    alias, [reason] = promote.decide([], "3", True, better, strict)
+    alias, [reason] = gates.decide([], "3", True, better, strict)
     assert alias == "challenger" and "promote.min_improvement 0.5" in reason
-    worse = promote.compare(*predictions(2, 30, 300), 10, CFG, seed=1)
-    alias, [reason] = promote.decide([], "3", True, worse, CFG)
+    worse = bootstrap.compare(*predictions(2, 30, 300), 10, CFG, seed=1)
+    alias, [reason] = gates.decide([], "3", True, worse, CFG)
     assert alias == "challenger" and reason.startswith("not better by more than chance")
 
 
@@ -115,7 +119,7 @@ def promote_into(repo: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> di
 def another_run(repo: Path) -> None:
     """Give the model in `repo` a run of its own (a run belongs to one trained model)."""
     paths_file = repo / paths.RUN_ID
-    paths_file.write_text(json.dumps({"run_key": tracking.new_run_key()}))
+    paths_file.write_text(json.dumps({"run_key": mlflow_store.new_run_key()}))
 
 
 @pytest.mark.slow
@@ -170,7 +174,7 @@ def test_champion_moves_only_on_evidence_and_rolls_back(
     client = client_for(store.parent)
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == "2"
-    assert champion.tags[promote.PREVIOUS_TAG] == "1"
+    assert champion.tags[registry.PREVIOUS_TAG] == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
     [run] = [r for r in runs_of(store.parent) if r.info.run_id == champion.run_id]
     card = (strong / paths.MODEL_CARD).read_text()
@@ -179,5 +183,5 @@ def test_champion_moves_only_on_evidence_and_rolls_back(
     assert "better by more than chance" in client.get_model_version(NAME, "2").description
 
     monkeypatch.chdir(strong)
-    assert promote.rollback(load_params(), None) == ("2", "1")
+    assert rollback.rollback(load_params(), None) == ("2", "1")
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"

@@ -125,7 +125,7 @@ def test_compare_ranks_the_runs(
     repo, _ = queued
     table_csv, table_md = tmp_path / "runs.csv", tmp_path / "runs.md"
     args = ("--sort", SORT, "--csv", str(table_csv), "--markdown", str(table_md))
-    done = run_module(repo, "-m", "stages.compare", *args)
+    done = run_module(repo, "-m", "stages.tools.compare", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 5  # header, separator, one row per run
@@ -143,8 +143,8 @@ def test_compare_ranks_the_runs(
     assert lines[2].startswith(f"| {best[:8]} |")
 
     # The other options, in this process (the command line is the same main()).
-    from stages import compare
-    from stages.errors import StageError
+    from stages.core.errors import StageError
+    from stages.tools import compare
 
     monkeypatch.chdir(repo)
     capsys.readouterr()

@@ -22,8 +22,10 @@ from PIL import Image
 from train_helpers import free_port, http_server, inside
 
 from conftest import ROOT, child_env
-from stages import datasets, deploy, paths
-from stages.errors import StageError
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.data import datasets
+from stages.release import pyfunc
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +104,7 @@ def champion(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         # Artifacts beside the db, not in ./mlruns of whatever the cwd is.
         experiment = client.create_experiment("serving", (root / "mlruns").as_uri())
         run_id = client.create_run(experiment).info.run_id
-        info = deploy.log(xml, meta["classes"], shape, run_id)
+        info = pyfunc.log(xml, meta["classes"], shape, run_id)
         client.set_terminated(run_id)
         version = mlflow.register_model(info.model_uri, REGISTERED)
         client.set_registered_model_alias(REGISTERED, "champion", version.version)
@@ -229,8 +231,8 @@ def test_saved_folder_predicts_like_the_ir_and_replaces_the_previous_one(
     import mlflow
 
     dest = tmp_path / "deployable"
-    deploy.save(champion.xml.with_name(paths.IR_FP16.name), champion.classes, champion.shape, dest)
-    deploy.save(champion.xml, champion.classes, champion.shape, dest)
+    pyfunc.save(champion.xml.with_name(paths.IR_FP16.name), champion.classes, champion.shape, dest)
+    pyfunc.save(champion.xml, champion.classes, champion.shape, dest)
     model = mlflow.pyfunc.load_model(str(dest))
     assert model.metadata.metadata["precision"] == "INT8"
     frame = model.predict(champion.images)
@@ -241,6 +243,6 @@ def test_saved_folder_predicts_like_the_ir_and_replaces_the_previous_one(
     )
     # A bad IR is refused before anything is written: the previous model stays.
     with pytest.raises(StageError, match="gives 10 scores"):
-        deploy.save(champion.xml, champion.classes[:-1], champion.shape, dest)
+        pyfunc.save(champion.xml, champion.classes[:-1], champion.shape, dest)
     assert mlflow.pyfunc.load_model(str(dest)).metadata.metadata["precision"] == "INT8"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deployable"]

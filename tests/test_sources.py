@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages import datasets, prepare, sources
-from stages.datasets import Split
-from stages.errors import StageError
-from stages.params import Data
+from stages import prepare
+from stages.core.errors import StageError
+from stages.core.params import Data
+from stages.data import datasets, sources
+from stages.data.datasets import Split
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -389,8 +390,9 @@ def test_pdf_folder_skips_empty_and_broken(tmp_path: Path) -> None:
 def test_prepare_pdf_folder_in_rgb(repo: Path) -> None:
     """The whole stage on PDFs: pages become images, classes and counts land in meta.json."""
     from conftest import write_params
-    from stages import paths, prepare
-    from stages.params import load_params
+    from stages import prepare
+    from stages.core import paths
+    from stages.core.params import load_params
 
     make_pdf_folder(repo / "data" / "raw" / "pdfs")
     data = {"source": "pdf_folder", "root": "data/raw/pdfs", "channels": 3, "pdf_dpi": 50}

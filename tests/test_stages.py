@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from conftest import ROOT, Trained
-from stages import paths
-from stages.params import SETTINGS, load_params
+from stages.core import paths
+from stages.core.params import SETTINGS, load_params
 
 
 def declared_params() -> dict[str, set[str]]:

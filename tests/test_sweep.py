@@ -1,4 +1,4 @@
-"""Sweeps (`python -m stages.sweep`): every trial a DVC experiment and one MLflow run under
+"""Sweeps (`vision-sweep`): every trial a DVC experiment and one MLflow run under
 the sweep's parent, the study in Optuna's optuna.db; finished trials never run again, a
 killed sweep resumes, the pruner stops a hopeless trial, and bad input stops at once."""
 
@@ -28,9 +28,10 @@ from conftest import (
     trim_pipeline,
     write_params,
 )
-from stages import sweep
-from stages.errors import StageError
-from stages.params import load_params
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.sweep import driver, space
+from stages.tools import sweep
 
 # One epoch on the digits: a trial costs its start-ups and a couple of seconds' training.
 SWEEP = {
@@ -64,11 +65,11 @@ def set_sweep(repo: Path, **changes: Any) -> dict[str, Any]:
 
 
 def run_sweep(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_module(repo, "-m", "stages.sweep", *args)
+    return run_module(repo, "-m", "stages.tools.sweep", *args)
 
 
 def sweep_here(repo: Path, capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
-    """`python -m stages.sweep ARGS` in this process, as its exit code and output: the
+    """`vision-sweep ARGS` in this process, as its exit code and output: the
     driver's own start-up is not what these tests are about (its trials are processes
     either way; the killed driver and the one-line errors are run as processes)."""
     capfd.readouterr()
@@ -133,7 +134,7 @@ def test_sweep_trials_are_experiments_and_runs(
     # to check; a setting, so it reruns nothing.
     write_params(repo, mlflow={"log_models": False})
     spec = set_sweep(repo)
-    name = sweep.study_name(load_params(repo / "params.yaml").sweep)
+    name = space.study_name(load_params(repo / "params.yaml").sweep)
 
     done = sweep_here(repo, capfd)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -240,7 +241,7 @@ def test_sweep_prunes_and_resumes_after_kill(
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = repo / ".dvc/tmp/sweep/s-2.log"
     killed = subprocess.Popen(
-        [sys.executable, "-m", "stages.sweep", *study, "--trials", "3"],
+        [sys.executable, "-m", "stages.tools.sweep", *study, "--trials", "3"],
         cwd=repo,
         env=child_env(),
         stdout=subprocess.DEVNULL,
@@ -278,7 +279,7 @@ def driver_error(repo: Path, **changes: Any) -> str:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     args = sweep.parse_args([])
     with pytest.raises(StageError) as caught:
-        sweep.Driver(params, raw, args).study()
+        driver.Driver(params, raw, args).study()
     return str(caught.value)
 
 
@@ -316,11 +317,11 @@ def test_unreachable_storage_and_bad_study_are_one_line(bare: Path) -> None:
 
 def test_yaml_values_read_back_as_the_same_value() -> None:
     for value in (1e-05, 0.00123, 3.0, 64, True, "cnn", 2.5e-7):
-        assert yaml.safe_load(sweep.yaml_value(value)) == value
+        assert yaml.safe_load(driver.yaml_value(value)) == value
 
 
 def test_sweep_section_is_validated_like_every_other(bare: Path) -> None:
-    from stages.params import ParamsError
+    from stages.core.params import ParamsError
 
     set_sweep(bare, space={"train.lr": {"low": 0.01, "high": 0.001}})
     with pytest.raises(ParamsError, match=r"sweep\.space\.train\.lr: low \(0\.01\) must be below"):

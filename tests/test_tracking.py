@@ -16,9 +16,12 @@ import pytest
 from train_helpers import free_port
 
 from conftest import EXPERIMENT, ROOT, client_for, clone, runs_of, write_params
-from stages import evaluate, paths, tracking, train
-from stages.errors import StageError
-from stages.params import load_params
+from stages import evaluate, train
+from stages.core import dvcyaml, outputs, paths
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.tools import sync
+from stages.tracking import helper, mlflow_store
 
 
 def steps(repo: Path, run_id: str, key: str) -> list[int]:
@@ -34,20 +37,24 @@ def model_names(repo: Path, run) -> list[str]:
 
 
 # -- unit ------------------------------------------------------------------------------
-# tracking.py owns the runs, compare.py the cross-run queries, promote.py the registry,
-# deploy.py and ir_model.py the deployable pyfunc model.
-TALK_TO_MLFLOW = ("tracking.py", "compare.py", "promote.py", "deploy.py", "ir_model.py")
+# tracking/ owns the runs, tools/compare.py the cross-run queries, release/registry.py the
+# registry, release/pyfunc.py and release/ir_model.py the deployable pyfunc model.
+TALK_TO_MLFLOW = ("tracking/", "tools/compare.py", "release/registry.py", "release/pyfunc.py")
+TALK_TO_MLFLOW += ("release/ir_model.py",)
 
 
 def test_only_the_modules_named_for_it_import_mlflow() -> None:
     """No stage's computation talks to MLflow: only the modules whose job it is."""
     pattern = re.compile(r"^\s*(import mlflow|from mlflow\b)", re.MULTILINE)
+    package = ROOT / "stages"
+    modules = {f.relative_to(package).as_posix(): f for f in package.rglob("*.py")}
     offenders = [
-        f.name
-        for f in (ROOT / "stages").glob("*.py")
-        if f.name not in TALK_TO_MLFLOW and pattern.search(f.read_text())
+        name
+        for name, f in modules.items()
+        if not name.startswith(TALK_TO_MLFLOW) and pattern.search(f.read_text())
     ]
     assert offenders == []
+    assert "tools/compare.py" in modules and "tracking/mlflow_store.py" in modules
 
 
 def test_store_is_env_then_params_then_sqlite_at_the_user_repo(
@@ -55,23 +62,23 @@ def test_store_is_env_then_params_then_sqlite_at_the_user_repo(
 ) -> None:
     cfg = load_params(ROOT / "params.yaml").mlflow
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert mlflow_store.tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     # A queued experiment runs in a temporary copy; DVC_ROOT names the user's repository.
     monkeypatch.setenv("DVC_ROOT", "/home/me/project")
-    assert tracking.tracking_uri(cfg) == "sqlite:////home/me/project/mlflow.db"
+    assert mlflow_store.tracking_uri(cfg) == "sqlite:////home/me/project/mlflow.db"
     relative = cfg.model_copy(update={"tracking_uri": "sqlite:///records/runs.db"})
-    assert tracking.tracking_uri(relative) == "sqlite:////home/me/project/records/runs.db"
+    assert mlflow_store.tracking_uri(relative) == "sqlite:////home/me/project/records/runs.db"
     server = cfg.model_copy(update={"tracking_uri": "http://mlflow.internal:5000"})
-    assert tracking.tracking_uri(server) == "http://mlflow.internal:5000"
+    assert mlflow_store.tracking_uri(server) == "http://mlflow.internal:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking.tracking_uri(server) == "http://127.0.0.1:5001"
-    assert tracking.experiment_name(cfg) == EXPERIMENT
+    assert mlflow_store.tracking_uri(server) == "http://127.0.0.1:5001"
+    assert mlflow_store.experiment_name(cfg) == EXPERIMENT
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep-1")
-    assert tracking.experiment_name(cfg) == "sweep-1"
+    assert mlflow_store.experiment_name(cfg) == "sweep-1"
 
 
 def test_what_each_stage_records_is_read_from_dvc_yaml() -> None:
-    stages = {s.name: s for s in tracking.pipeline(ROOT / "dvc.yaml")}
+    stages = {s.name: s for s in dvcyaml.pipeline(ROOT / "dvc.yaml")}
     assert list(stages) == [
         "prepare", "train", "evaluate", "export", "convert", "benchmark", "promote",
     ]  # fmt: skip
@@ -83,7 +90,7 @@ def test_what_each_stage_records_is_read_from_dvc_yaml() -> None:
     # Models go in as MLflow models, not as loose files; inputs of later stages not at all.
     assert paths.MODEL not in stages["train"].files
     assert paths.CHECKPOINT not in stages["train"].files
-    assert [s.name for s in tracking.before("export", list(stages.values()))] == [
+    assert [s.name for s in dvcyaml.stages_before("export", list(stages.values()))] == [
         "prepare", "train", "evaluate",
     ]  # fmt: skip
 
@@ -98,7 +105,7 @@ def test_metric_names_group_by_split_and_stage() -> None:
         "lr": 0.001,
         "images_per_second": 900.0,
     }
-    assert set(tracking.epoch_metrics(row)) == {
+    assert set(mlflow_store.epoch_metrics(row)) == {
         "train/loss",
         "train/accuracy",
         "val/loss",
@@ -107,7 +114,7 @@ def test_metric_names_group_by_split_and_stage() -> None:
         "train/epoch_images_per_second",
     }
     nested = {"pytorch": {"throughput": 10.0}, "exporter": "dynamo", "ok": True, "threads": 2}
-    assert tracking.prefixed("benchmark", nested) == {
+    assert outputs.prefixed("benchmark", nested) == {
         "benchmark/pytorch/throughput": 10.0,
         "benchmark/threads": 2.0,
     }
@@ -116,7 +123,7 @@ def test_metric_names_group_by_split_and_stage() -> None:
 def test_a_disabled_recorder_starts_no_helper(trained_repo: Path) -> None:
     params = load_params()
     assert params.mlflow.enabled is False
-    with tracking.Recorder("evaluate", params) as recorder:
+    with helper.Recorder("evaluate", params) as recorder:
         recorder.ready()
         recorder.log_epoch({"epoch": 1})
     assert recorder._proc is None
@@ -147,7 +154,7 @@ import mlflow  # paid before the start line, so both processes open the store to
 Path(f"ready-{sys.argv[1]}").touch()
 while not Path("go").exists():
     time.sleep(0.01)
-store = tracking.Store(load_params(), "train")
+store = mlflow_store.Store(load_params(), "train")
 store.open_run(f"writer-{sys.argv[1]}", {"writer": sys.argv[1]})
 for epoch in range(1, 31):
     store.log_epochs([{"epoch": epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.5,
@@ -191,8 +198,8 @@ def test_system_metrics_are_recorded_when_asked(
 ) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     write_params(trained_repo, mlflow={"enabled": True, "system_metrics": True})
-    store = tracking.Store(load_params(), "train")
-    store.open_run(tracking.read_run_key(), {})
+    store = mlflow_store.Store(load_params(), "train")
+    store.open_run(mlflow_store.read_run_key(), {})
     store.watch_system()
     time.sleep(2)
     store.finish("FINISHED")
@@ -221,7 +228,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     evaluate.main(params)
     assert "MLflow had no run of the model in models/: filling it" in capfd.readouterr().err
     [run] = runs_of(repo)
-    assert run.data.tags[tracking.RUN_KEY_TAG] == key
+    assert run.data.tags[mlflow_store.RUN_KEY_TAG] == key
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
     assert run.data.params["train.lr"] == "0.002"
     for name in ("train/images_per_second", "evaluate/accuracy"):
@@ -230,12 +237,12 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     assert model_names(repo, run) == []  # packaged beside export and convert
 
     # sync adds what the other outputs hold, and what the run has already it leaves alone
-    tracking.main(["sync"])
+    sync.main(["sync"])
     [run] = runs_of(repo)
     assert "benchmark/pytorch/throughput" in run.data.metrics
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
     assert steps(repo, run.info.run_id, "evaluate/accuracy") == [0]
-    assert model_names(repo, run) == [tracking.ONNX_MODEL, tracking.PYTORCH_MODEL]
+    assert model_names(repo, run) == [mlflow_store.ONNX_MODEL, mlflow_store.PYTORCH_MODEL]
     assert run.info.status == "FINISHED"
     client = client_for(repo)
     openvino = client.list_artifacts(run.info.run_id, "openvino")

@@ -29,9 +29,11 @@ from train_helpers import (
 )
 
 from conftest import write_params
-from stages import dist, launch, paths, train
-from stages.errors import StageError
-from stages.params import ParamsError, load_params, parse_params
+from stages import launch, train
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.core.params import ParamsError, load_params, parse_params
+from stages.training import checkpoint, dist, engine, optim
 
 TINY = {"train": 192, "val": 64, "test": 64}
 
@@ -66,24 +68,24 @@ def cfg(**changes: Any) -> train.Train:
 def test_lr_warms_up_then_follows_the_schedule(copy: Path) -> None:
     steps = 10
     cosine = cfg(epochs=4, warmup_epochs=1, schedule="cosine")
-    assert train.lr_factor(0, cosine, steps) == pytest.approx(0.1)
-    assert train.lr_factor(5, cosine, steps) == pytest.approx(0.55)
-    assert train.lr_factor(10, cosine, steps) == pytest.approx(1.0)
-    assert train.lr_factor(25, cosine, steps) == pytest.approx(0.5)
-    assert train.lr_factor(40, cosine, steps) == pytest.approx(0.0, abs=1e-12)
+    assert optim.lr_factor(0, cosine, steps) == pytest.approx(0.1)
+    assert optim.lr_factor(5, cosine, steps) == pytest.approx(0.55)
+    assert optim.lr_factor(10, cosine, steps) == pytest.approx(1.0)
+    assert optim.lr_factor(25, cosine, steps) == pytest.approx(0.5)
+    assert optim.lr_factor(40, cosine, steps) == pytest.approx(0.0, abs=1e-12)
     step = cfg(epochs=6, warmup_epochs=0, schedule="step", step_epochs=2, gamma=0.5)
-    assert [train.lr_factor(e * steps, step, steps) for e in range(6)] == [
+    assert [optim.lr_factor(e * steps, step, steps) for e in range(6)] == [
         1.0, 1.0, 0.5, 0.5, 0.25, 0.25,
     ]  # fmt: skip
     constant = cfg(epochs=3, warmup_epochs=0, schedule="constant")
-    assert {train.lr_factor(s, constant, steps) for s in range(30)} == {1.0}
+    assert {optim.lr_factor(s, constant, steps) for s in range(30)} == {1.0}
 
 
 def test_shift_translates_each_image_within_bounds() -> None:
     torch.manual_seed(0)
     images = torch.zeros(64, 1, 9, 9, dtype=torch.uint8)
     images[:, :, 4, 4] = 255  # one bright pixel in the centre
-    moved = train.shift(images, 2)
+    moved = engine.shift(images, 2)
     assert moved.shape == images.shape and moved.dtype == torch.uint8
     for image in moved:
         (y, x) = torch.nonzero(image[0]).tolist()[0]
@@ -91,18 +93,18 @@ def test_shift_translates_each_image_within_bounds() -> None:
         assert int(image.sum()) == 255  # moved, not blurred or lost
     assert len({tuple(torch.nonzero(i[0]).tolist()[0]) for i in moved}) > 5
     torch.manual_seed(0)
-    assert torch.equal(train.shift(images, 2), moved)  # seeded: reproducible
+    assert torch.equal(engine.shift(images, 2), moved)  # seeded: reproducible
 
 
 def test_amp_dtype_follows_params_and_device(copy: Path) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert train.amp_dtype(cfg(amp="auto"), cpu) is None
-    assert train.amp_dtype(cfg(amp="auto"), cuda) == torch.bfloat16
-    assert train.amp_dtype(cfg(amp="bf16"), cpu) == torch.bfloat16
-    assert train.amp_dtype(cfg(amp="fp16"), cuda) == torch.float16
-    assert train.amp_dtype(cfg(amp="off"), cuda) is None
+    assert engine.amp_dtype(cfg(amp="auto"), cpu) is None
+    assert engine.amp_dtype(cfg(amp="auto"), cuda) == torch.bfloat16
+    assert engine.amp_dtype(cfg(amp="bf16"), cpu) == torch.bfloat16
+    assert engine.amp_dtype(cfg(amp="fp16"), cuda) == torch.float16
+    assert engine.amp_dtype(cfg(amp="off"), cuda) is None
     with pytest.raises(StageError, match="fp16 needs a CUDA device"):
-        train.amp_dtype(cfg(amp="fp16"), cpu)
+        engine.amp_dtype(cfg(amp="fp16"), cpu)
 
 
 def test_every_sample_is_evaluated_exactly_once_across_ranks() -> None:
@@ -183,19 +185,23 @@ def test_bad_train_params_stop_with_one_line(copy: Path) -> None:
 def test_checkpoint_key_holds_what_changes_the_result_only(copy: Path) -> None:
     params = load_params()
     meta = json.loads(paths.META.read_text())
-    key = train.checkpoint_key(params, meta, 1)
+    key = checkpoint.checkpoint_key(params, meta, 1)
     settings = params.model_copy(
         update={
             "runtime": params.runtime.model_copy(update={"threads": 7, "resume": False}),
             "mlflow": params.mlflow.model_copy(update={"experiment": "other"}),
         }
     )
-    assert train.stale_reason(train.checkpoint_key(settings, meta, 1), key) is None
+    assert checkpoint.stale_reason(checkpoint.checkpoint_key(settings, meta, 1), key) is None
     other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 0.5})})
-    assert "params" in train.stale_reason(train.checkpoint_key(other, meta, 1), key)
-    assert "2 process(es)" in train.stale_reason(train.checkpoint_key(params, meta, 2), key)
-    assert "data" in train.stale_reason(train.checkpoint_key(params, {"digest": "x"}, 1), key)
-    assert "older version" in train.stale_reason("a-string-key", key)
+    assert "params" in checkpoint.stale_reason(checkpoint.checkpoint_key(other, meta, 1), key)
+    assert "2 process(es)" in checkpoint.stale_reason(
+        checkpoint.checkpoint_key(params, meta, 2), key
+    )
+    assert "data" in checkpoint.stale_reason(
+        checkpoint.checkpoint_key(params, {"digest": "x"}, 1), key
+    )
+    assert "older version" in checkpoint.stale_reason("a-string-key", key)
 
 
 # -- every option that runs on a CPU ----------------------------------------------------
@@ -223,7 +229,7 @@ def test_option_trains(copy: Path, changes: dict[str, Any]) -> None:
     ckpt = torch.load(paths.CHECKPOINT, weights_only=True)
     # The lr the schedule asked for after the last step (2 epochs x 3 steps of 64).
     steps = 3
-    expected = params.train.lr * train.lr_factor(2 * steps, params.train, steps)
+    expected = params.train.lr * optim.lr_factor(2 * steps, params.train, steps)
     assert ckpt["history"][-1]["lr"] == pytest.approx(expected)
     if changes.get("channels_last"):
         conv = next(w for w in weights(copy).values() if w.dim() == 4)
@@ -264,7 +270,9 @@ def test_changed_params_refuse_the_checkpoint(copy: Path, capfd: pytest.CaptureF
     assert "resuming" not in err
     ckpt = torch.load(paths.CHECKPOINT, weights_only=True)
     assert [row["epoch"] for row in ckpt["history"]] == [1]
-    assert ckpt["key"] == train.checkpoint_key(load_params(), json.loads(paths.META.read_text()), 1)
+    assert ckpt["key"] == checkpoint.checkpoint_key(
+        load_params(), json.loads(paths.META.read_text()), 1
+    )
 
 
 @pytest.mark.slow

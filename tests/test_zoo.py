@@ -12,8 +12,10 @@ import torch
 from train_helpers import copy_repo, prepared_repo
 
 from conftest import write_params
-from stages import convert, evaluate, export, models, paths, train
-from stages.params import load_params
+from stages import convert, evaluate, export, train
+from stages.core import paths
+from stages.core.params import load_params
+from stages.models import zoo
 
 # One optimizer step on a tiny batch: the heavy nets (GoogLeNet is ~100 GFLOP a step of
 # 64 images even at 16 px) would otherwise dominate the test suite on a CPU.
@@ -59,7 +61,7 @@ def test_model_trains_evaluates_exports_and_converts(
     train.main(params)
     scores = json.loads(paths.TRAIN_METRICS.read_text())
     assert math.isfinite(scores["train_loss"])
-    model, config = models.load(paths.MODEL)
+    model, config = zoo.load(paths.MODEL)
     assert config["name"] == name
     assert sum(p.numel() for p in model.parameters()) > 0
 

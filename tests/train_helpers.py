@@ -37,8 +37,9 @@ def inside(path: Path) -> Iterator[Path]:
 
 def prepared_repo(dest: Path, counts: dict[str, int] | None = None, **sections: Any) -> Path:
     """A tmp repo with params updated and digits prepared, splits cut to `counts` images."""
-    from stages import paths, prepare
-    from stages.params import load_params
+    from stages import prepare
+    from stages.core import paths
+    from stages.core.params import load_params
 
     repo = make_repo(dest)
     if sections:

@@ -19,8 +19,8 @@ class RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.ERROR
 
 
-def setup(stage: str, rank: int = 0) -> logging.Logger:
-    """Configure the root logger for a stage process and return the stage's logger."""
+def setup(stage: str, rank: int = 0) -> None:
+    """Configure the root logger of a stage's (or a tool's) process: one format, rank 0 speaks."""
     handler = logging.StreamHandler(sys.stderr)
     prefix = f"[{stage}]" if rank == 0 else f"[{stage} rank {rank}]"
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix} %(message)s", "%H:%M:%S"))
@@ -51,4 +51,3 @@ def setup(stage: str, rank: int = 0) -> logging.Logger:
     logging.captureWarnings(True)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    return logging.getLogger(f"stages.{stage}")

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.errors import StageError
+from stages.core import paths
+from stages.core.errors import StageError
 
 
 def _umask() -> int:
@@ -110,6 +111,7 @@ def save_figure(fig, file: Path | str) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
+
 def prefixed(stage: str, metrics: dict[str, Any], sep: str = "/") -> dict[str, float]:
     """Flatten nested metrics under the stage name: evaluate/accuracy, benchmark/onnxruntime/..."""
     out: dict[str, float] = {}
@@ -121,6 +123,7 @@ def prefixed(stage: str, metrics: dict[str, Any], sep: str = "/") -> dict[str, f
             out[name] = float(value)
     return out
 
+
 def read_json(file: Path) -> dict[str, Any]:
     """A metrics file as a dict; empty when the stage has not written it."""
     try:
@@ -128,12 +131,14 @@ def read_json(file: Path) -> dict[str, Any]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
+
 def read_history() -> list[dict[str, float]]:
     """Per-epoch rows of plots/train/history.csv as numbers."""
     if not paths.TRAIN_HISTORY.exists():
         return []
     with paths.TRAIN_HISTORY.open() as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
 
 def read_csv(file) -> list[dict[str, str]]:
     """Rows of a CSV output; none when the stage did not write it."""

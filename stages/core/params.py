@@ -17,8 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from stages import paths
-from stages.errors import StageError
+from stages.core import paths
+from stages.core.errors import StageError
 
 
 class ParamsError(StageError):

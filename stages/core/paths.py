@@ -54,6 +54,7 @@ BENCHMARK_PNG = PLOTS / "benchmark" / "runtimes.png"
 # The default MLflow store, at the root of the user's repository.
 MLFLOW_DB = "mlflow.db"
 
+
 def repo_root() -> Path:
     """The user's repository: DVC_ROOT in queued experiments (temp copies), else cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()

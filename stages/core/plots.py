@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from stages.outputs import save_figure
+from stages.core.outputs import save_figure
 
 
 def save_history(history: list[dict[str, float]], file: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -105,20 +104,13 @@ def watch_callers(
     threading.Thread(target=watch, name="caller-watch", daemon=True).start()
 
 
-def exit_with_launcher() -> None:
-    """In a torchrun worker: exit at once when the launcher is gone."""
+def watch_launcher(on_death: Callable[[], None]) -> None:
+    """In a torchrun worker: call `on_death` once the launcher is gone."""
     parent = os.getppid()
     # stages.launch names itself, so a launcher that died before this point (the worker
     # is already reparented) is caught too.
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher and int(launcher) != parent and not psutil.pid_exists(int(launcher)):
-        _launcher_died()
-    watch_callers(_launcher_died, parent=parent)
-
-
-def _launcher_died() -> None:
-    # Printed, not logged: ranks other than 0 filter their log records.
-    print("error: the torchrun launcher died; stopping this worker", file=sys.stderr, flush=True)
-    # os._exit: no atexit handlers or joins that could block on a dead peer; outputs are
-    # written atomically, so nothing is left half-written.
-    os._exit(1)
+        on_death()
+        return
+    watch_callers(on_death, parent=parent)

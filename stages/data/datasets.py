@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages import paths
-from stages.errors import StageError
-from stages.outputs import load_torch
+from stages.core import paths
+from stages.core.errors import StageError
+from stages.core.outputs import load_torch
 
 
 @dataclass

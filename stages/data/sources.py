@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stages.datasets import Source, Split, content_digest, resize
-from stages.errors import StageError
-from stages.params import Data
+from stages.core.errors import StageError
+from stages.core.params import Data
+from stages.data.datasets import Source, Split, content_digest, resize
 
 log = logging.getLogger(__name__)
 

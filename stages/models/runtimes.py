@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import models, processes
-from stages.errors import StageError, first_line
+from stages.core import processes
+from stages.core.errors import StageError, first_line
+from stages.models import zoo
 
 Runtime = Callable[[np.ndarray], np.ndarray]
 
@@ -26,7 +27,7 @@ def cores(threads: int = 0) -> int:
 def pytorch(file: Path, threads: int = 0) -> Runtime:
     """The saved PyTorch model in eval mode, on the CPU, under inference_mode."""
     torch.set_num_threads(cores(threads))
-    model, _ = models.load(file)
+    model, _ = zoo.load(file)
 
     @torch.inference_mode()
     def run(batch: np.ndarray) -> np.ndarray:

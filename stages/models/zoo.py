@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.errors import StageError
-from stages.outputs import load_torch
+from stages.core.errors import StageError
+from stages.core.outputs import load_torch
 
 
 class Normalize(nn.Module):

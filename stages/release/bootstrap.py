@@ -1,34 +1,11 @@
-"""x"""
+"""Paired statistics for the release decision: a bootstrap of the metric's difference between
+two models scored on the same test images."""
 
 from __future__ import annotations
 
-import argparse
-
-import contextlib
-
-import io
-
-import logging
-
-import sys
-
-from dataclasses import dataclass, field
-
-from pathlib import Path
-
-from typing import Any
-
 import numpy as np
 
-from stages import datasets, deploy, logs, model_card, paths, runtimes, tracking
-
-from stages.errors import StageError, first_line
-
-from stages.outputs import write_json, write_text
-
-from stages.params import Params, Promote, load_params
-
-
+from stages.core.params import Promote
 
 # Bootstrap resamples: the interval's ends move by well under a tenth of a point between
 # seeds at this count (2,000 is the usual floor for percentile intervals).
@@ -36,6 +13,7 @@ RESAMPLES = 2000
 
 # Two-sided level of the interval around the INT8 accuracy change in the model card.
 CHANGE_LEVEL = 0.95
+
 
 def score(metric: str, labels: np.ndarray, predicted: np.ndarray, classes: int, axis: int = -1):
     """Accuracy, or macro F1 (0 for a class neither true nor predicted), along `axis`."""
@@ -47,6 +25,7 @@ def score(metric: str, labels: np.ndarray, predicted: np.ndarray, classes: int, 
         total = (predicted == k).sum(axis) + (labels == k).sum(axis)
         f1.append(np.divide(2 * hits, total, out=np.zeros(np.shape(hits)), where=total > 0))
     return np.mean(f1, axis=0)
+
 
 def paired_difference(
     metric: str,
@@ -81,6 +60,7 @@ def paired_difference(
     )
     interval = result.confidence_interval
     return observed, float(interval.low), float(interval.high)
+
 
 def compare(
     labels: np.ndarray, new: np.ndarray, old: np.ndarray, classes: int, cfg: Promote, seed: int

@@ -1,19 +1,19 @@
-"""x"""
+"""reports/model_card.md: what a run's model is, how good, how fast, and why it ships (or not).
+
+The promote stage writes it from the other stages' outputs and its own decision; the MLflow
+run's description (and the registered version's) is the same text, so the run explains
+itself in the MLflow UI."""
 
 from __future__ import annotations
 
-import csv
-
 from collections import Counter
-
 from typing import TYPE_CHECKING, Any
 
-from stages import datasets, paths, tracking
+from stages.core import paths
 
 if TYPE_CHECKING:
-    from stages.params import Params, Promote
-    from stages.promote import Decision, Deployable
-
+    from stages.core.params import Params, Promote
+    from stages.release.gates import Decision, Deployable
 
 
 # The params a reader needs to judge a model; the rest is in params.yaml and the run.
@@ -36,6 +36,7 @@ MISTAKES = 10
 
 NAN = float("nan")  # a metric a stage did not write shows as nan
 
+
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     """A markdown table; numbers right-aligned."""
     aligned = [
@@ -46,11 +47,13 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return lines
 
+
 def cell(value: Any) -> str:
     """A value as a table cell: 4 significant digits, whole numbers above 1,000."""
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
+
 
 def number(text: str) -> float | str:
     """A CSV cell as a number when it is one."""
@@ -58,6 +61,7 @@ def number(text: str) -> float | str:
         return float(text)
     except (TypeError, ValueError):
         return text
+
 
 def data_section(meta: dict[str, Any], counts: dict[str, Counter], test: str) -> list[str]:
     """Source, digests, split sizes and class counts."""
@@ -74,6 +78,7 @@ def data_section(meta: dict[str, Any], counts: dict[str, Counter], test: str) ->
     rows = [[name, *(counts[s].get(i, 0) for s in paths.SPLITS)] for i, name in enumerate(classes)]
     rows.append(["**all**", *(sum(counts[s].values()) for s in paths.SPLITS)])
     return lines + table(header, rows)
+
 
 def training_section(params: Params, results: dict[str, Any]) -> list[str]:
     """The params that matter, the training numbers and the per-epoch curves."""
@@ -92,6 +97,7 @@ def training_section(params: Params, results: dict[str, Any]) -> list[str]:
         rows = [[number(row[k]) for k in keys] for row in history]
         lines += ["", "### Curves", *table(keys, rows), "", f"![curves](../{paths.TRAIN_CURVES})"]
     return lines
+
 
 def scores_section(results: dict[str, Any], classes: list[str]) -> list[str]:
     """Test scores of PyTorch, per class, and the confusion matrix."""
@@ -122,6 +128,7 @@ def scores_section(results: dict[str, Any], classes: list[str]) -> list[str]:
             ["actual", "predicted", "images"], [[a, p, n] for n, a, p in wrong[:MISTAKES]]
         )
     return lines
+
 
 def runtime_section(results: dict[str, Any], change: dict[str, float]) -> list[str]:
     """ONNX parity, the INT8 attempts and accuracy change, and the runtime table."""
@@ -165,6 +172,7 @@ def runtime_section(results: dict[str, Any], change: dict[str, float]) -> list[s
         )
     return lines
 
+
 def decision_section(deployable: Deployable, decision: Decision, cfg: Promote) -> list[str]:
     """What ships, the registry's decision and every reason."""
     lines = ["## Release", f"Deployable model: {deployable.reason}."]
@@ -175,6 +183,7 @@ def decision_section(deployable: Deployable, decision: Decision, cfg: Promote) -
         )
     lines += ["", *[f"- {reason}" for reason in decision.reasons]]
     return lines
+
 
 def render(
     meta: dict[str, Any],

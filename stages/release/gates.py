@@ -1,37 +1,17 @@
-"""x"""
+"""What ships and whether it may become `@champion`: the deployable IR, the accuracy gates, the
+decision against the current champion."""
 
 from __future__ import annotations
 
-import argparse
-
-import contextlib
-
-import io
-
-import logging
-
-import sys
-
 from dataclasses import dataclass, field
-
 from pathlib import Path
-
 from typing import Any
 
-import numpy as np
-
-from stages import datasets, deploy, logs, model_card, paths, runtimes, tracking
-
-from stages.errors import StageError, first_line
-
-from stages.outputs import write_json, write_text
-
-from stages.params import Params, Promote, load_params
-
-from stages.release.bootstrap import score
-
+from stages.core import paths
+from stages.core.params import Params, Promote
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+
 
 @dataclass(frozen=True)
 class Deployable:
@@ -40,6 +20,7 @@ class Deployable:
     runtime: str  # the benchmark's name for it: openvino_int8 or openvino_fp16
     xml: Path
     reason: str
+
 
 def choose_deployable(convert: dict[str, Any], benchmark: dict[str, Any], cfg: Promote):
     """INT8 when it passed its gate and is faster than FP16 by cfg.min_speedup, else FP16."""
@@ -57,6 +38,7 @@ def choose_deployable(convert: dict[str, Any], benchmark: dict[str, Any], cfg: P
     )
     return Deployable("openvino_fp16", paths.IR_FP16, reason)
 
+
 @dataclass
 class Decision:
     """Where the alias goes and why; version and comparison once registered."""
@@ -66,6 +48,7 @@ class Decision:
     version: str = ""
     champion_version: str = ""
     comparison: dict[str, float] = field(default_factory=dict)
+
 
 def decide(
     failed: list[str],
@@ -97,6 +80,7 @@ def decide(
         f"not better by more than chance: {evidence} "
         f"(needs more than promote.min_improvement {cfg.min_improvement:g})"
     ]
+
 
 def check_gates(deployed_accuracy: float, results: dict[str, dict], params: Params) -> list[str]:
     """The gates the deployable model must pass; what failed, in words."""

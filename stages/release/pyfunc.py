@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages import outputs, tracking
-from stages.errors import StageError, first_line
+from stages.core import outputs
+from stages.core.errors import StageError, first_line
+from stages.tracking import mlflow_store
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -105,7 +106,7 @@ def model_arguments(xml: Path, classes: list[str], shape: tuple[int, int, int]) 
 
 def save(xml: Path, classes: list[str], shape: tuple[int, int, int], dest: Path) -> None:
     """The IR as an MLflow pyfunc model in folder `dest`, replacing it only once it loads."""
-    mlflow = tracking.import_mlflow()
+    mlflow = mlflow_store.import_mlflow()
     arguments = model_arguments(xml, classes, shape)
     with outputs.atomic_dir(dest) as tmp:
         mlflow.pyfunc.save_model(str(tmp), **arguments)
@@ -125,7 +126,7 @@ def log(
     name: str = MODEL_NAME,
 ) -> ModelInfo:
     """The IR as an MLflow pyfunc model logged into run `run_id`; its ModelInfo."""
-    mlflow = tracking.import_mlflow()
+    mlflow = mlflow_store.import_mlflow()
     from mlflow.models import Model
 
     arguments = model_arguments(xml, classes, shape)

@@ -1,37 +1,23 @@
-"""x"""
+"""MLflow's model registry: versions of the deployable model, the `@champion` and `@challenger`
+aliases, and the tags that say why."""
 
 from __future__ import annotations
 
-import argparse
-
 import contextlib
-
 import io
-
-import logging
-
-import sys
-
-from dataclasses import dataclass, field
-
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
 
-from stages import datasets, deploy, logs, model_card, paths, runtimes, tracking
-
-from stages.errors import StageError, first_line
-
-from stages.outputs import write_json, write_text
-
-from stages.params import Params, Promote, load_params
-
-from stages.release.gates import CHAMPION, Decision, Deployable, decide
+from stages.core import dvcyaml, paths
+from stages.core.errors import StageError, first_line
+from stages.core.params import Params
+from stages.data import datasets
+from stages.release import pyfunc
 from stages.release.bootstrap import compare
-from stages.promote import summary
-
+from stages.release.gates import CHAMPION, Decision, Deployable, decide
+from stages.tracking import mlflow_store
 
 # Version tags: what the next promote needs to know about a version, and what a person
 # browsing the registry wants to read.
@@ -44,16 +30,18 @@ PREVIOUS_TAG = "promote.previous_champion"
 # MLflow's limits: a tag value (the run's description is one), a version's description.
 RUN_TEXT, VERSION_TEXT = 8000, 5000
 
+
 def predict_labels(model: Any, images: np.ndarray, classes: list[str]) -> np.ndarray:
     """Class indices a pyfunc model (ours: a `label` column) picks for 0..1 images."""
     index = {name: i for i, name in enumerate(classes)}
     labels = model.predict(images)["label"].astype(str)
     return np.array([index.get(name, -1) for name in labels])
 
+
 class Registry:
     """promote.registered_model in the run's store, through the run's Store (and lock)."""
 
-    def __init__(self, store: tracking.Store, name: str):
+    def __init__(self, store: mlflow_store.Store, name: str):
         self.store = store
         self.client = store.client
         self.name = name
@@ -71,7 +59,7 @@ class Registry:
         """Log the deployable pyfunc model into the run and register it as a new version."""
         run_id = self.store.run_id
         with self.store.lock:
-            info = deploy.log(deployable.xml, classes, shape, run_id)
+            info = pyfunc.log(deployable.xml, classes, shape, run_id)
         with self.store.lock, contextlib.redirect_stderr(io.StringIO()):
             # MLflow prints "Registered model ... / Created version ..." itself: the stage's
             # own line says it.
@@ -124,12 +112,14 @@ class Registry:
             for key, value in run_tags.items():
                 self.client.set_tag(self.store.run_id, key, value)
 
+
 def clip(text: str, limit: int) -> str:
     """Text cut to a store's limit, saying where the whole is."""
     if len(text) <= limit:
         return text
     more = f"\n\n... (cut at {limit} characters: the whole is {paths.MODEL_CARD})"
     return text[: limit - len(more)] + more
+
 
 def release(
     registry: Registry,
@@ -162,21 +152,23 @@ def release(
     alias, reasons = decide(failed, champion_version, same_data, comparison, params.promote)
     return Decision(alias, reasons, version, champion_version, comparison)
 
+
 def load_pyfunc(folder: Path) -> Any:
     """A pyfunc model folder, loaded as any user would load it."""
     import mlflow.pyfunc
 
     return mlflow.pyfunc.load_model(str(folder))
 
-def open_store(params: Params) -> tracking.Store | None:
+
+def open_store(params: Params) -> mlflow_store.Store | None:
     """The run of the model in models/ in its store (filled from the outputs if new)."""
     if not params.mlflow.enabled:
         return None
-    tracking.check_store(tracking.tracking_uri(params.mlflow))
+    mlflow_store.check_store(mlflow_store.tracking_uri(params.mlflow))
     try:
-        store = tracking.Store(params, "promote")
-        store.open_run(tracking.read_run_key(), {})
-        store.log_stages(tracking.before("promote", tracking.pipeline()))
+        store = mlflow_store.Store(params, "promote")
+        store.open_run(mlflow_store.read_run_key(), {})
+        store.log_stages(dvcyaml.stages_before("promote", dvcyaml.pipeline()))
         return store
     except StageError:
         raise

@@ -1,58 +1,38 @@
-"""x"""
+"""A sweep's driver: runs each trial as `dvc exp run --temp -n <study>-<number> -S ... <until>`,
+some at once, and reads back the metric the study optimizes."""
 
 from __future__ import annotations
 
 import argparse
-
 import contextlib
-
-import hashlib
-
 import json
-
 import logging
-
 import os
-
 import queue
-
-import re
-
 import socket
-
 import subprocess
-
 import sys
-
-import tempfile
-
 import threading
-
 import time
-
-import warnings
-
 from dataclasses import dataclass
-
 from pathlib import Path
-
 from typing import Any
-
-import psutil
 
 import yaml
 
-from stages import paths, tracking
-
-from stages.errors import StageError, first_line, install_excepthook
-
-from stages.params import Params, Range, Sweep, load_params, parse_params
-
+from stages.core import dvcyaml, outputs, paths
+from stages.core.errors import StageError, first_line
+from stages.core.params import Params
 from stages.sweep.space import NAME, distributions, metric_stage, study_name
-from stages.sweep.studies import GRACE_S, finished, make_pruner, make_sampler, open_storage, storage_url
-from stages.sweep.trials import REPORTED, TRIAL_ENV, _alive
-from stages.tracking.sweep_run import Tracker
-
+from stages.sweep.studies import (
+    REPORTED,
+    finished,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    storage_url,
+)
+from stages.sweep.trials import TRIAL_ENV, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +42,7 @@ LOGS = Path(".dvc/tmp/sweep")  # one log file per trial (DVC keeps .dvc/tmp out 
 # repository lock instead of failing after DVC's default 3 s.
 DVC = (sys.executable, "-m", "dvc", "--wait-for-lock")
 
+
 def yaml_value(value: Any) -> str:
     """A value as `dvc exp run -S` reads it back (YAML): 1e-05 needs a dot to be a float."""
     if isinstance(value, float):
@@ -70,12 +51,14 @@ def yaml_value(value: Any) -> str:
         return f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else text
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
+
 @dataclass
 class Slot:
     """One place a trial runs: a share of the cores, and a GPU where there are GPUs."""
 
     cores: list[int]
     gpu: int | None
+
 
 def slots(jobs: int) -> list[Slot]:
     """J slots: the usable cores split evenly, and the GPUs dealt round-robin."""
@@ -92,6 +75,7 @@ def slots(jobs: int) -> list[Slot]:
         out.append(Slot(mine, i % gpus if gpus else None))
     return out
 
+
 def gpu_count() -> int:
     """GPUs here (none without an NVIDIA driver, without importing PyTorch)."""
     if not Path("/proc/driver/nvidia/gpus").is_dir():
@@ -99,6 +83,7 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
 
 def exp_ref(name: str) -> str | None:
     """The git ref of the DVC experiment with this name, if it landed."""
@@ -111,6 +96,7 @@ def exp_ref(name: str) -> str | None:
     found = [ref for ref in listed if ref.rsplit("/", 1)[-1] == name]
     return found[-1] if found else None
 
+
 def exp_metrics(ref: str, stage: str) -> dict[str, float]:
     """The flattened metrics file of a stage in an experiment (from DVC's cache)."""
     import dvc.api
@@ -120,12 +106,15 @@ def exp_metrics(ref: str, stage: str) -> dict[str, float]:
             raw = json.loads(dvc.api.read(str(paths.METRICS / f"{stage}.json"), rev=ref))
     except Exception:  # the stage did not run in this trial
         return {}
-    return {**tracking.prefixed(stage, raw), **({"pruned": 1.0} if raw.get("pruned") else {})}
+    return {**outputs.prefixed(stage, raw), **({"pruned": 1.0} if raw.get("pruned") else {})}
+
 
 _DVC_API = threading.Lock()
 
+
 class TrialFailed(Exception):
     """A trial's `dvc exp run` failed: the trial is marked failed and the sweep goes on."""
+
 
 class Driver:
     """Runs trials of one study as DVC experiments, J at a time."""
@@ -133,7 +122,7 @@ class Driver:
     def __init__(self, params: Params, raw: dict[str, Any], args: argparse.Namespace):
         self.params = params
         self.spec = params.sweep
-        self.stages = tracking.pipeline()
+        self.stages = dvcyaml.pipeline()
         self.stage = metric_stage(self.spec, self.stages)
         self.space = distributions(raw, self.spec)
         self.jobs = args.jobs or self.spec.jobs
@@ -149,7 +138,8 @@ class Driver:
         for slot in slots(self.jobs):
             self.slots.put(slot)
         self.parent = ""  # the MLflow parent run, set once the sweep has trials to run
-        self.tracker: Tracker | None = None
+        # The sweep's MLflow parent run (tracking/sweep_run.py), set by vision-sweep.
+        self.tracker: Any = None
 
     def study(self):
         import optuna
@@ -203,7 +193,8 @@ class Driver:
         orphans = [
             t.number
             for t in self.storage.get_all_trials(study_id, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("host") == host and not _alive(int(t.user_attrs.get("driver", 0)))
+            if t.user_attrs.get("host") == host
+            and not process_alive(int(t.user_attrs.get("driver", 0)))
         ]
         for number in orphans:
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
@@ -264,6 +255,7 @@ class Driver:
             with contextlib.suppress(Exception):
                 self.tracker.tag_trial(self.name, trial.number, state)
 
+
 def last_error(logfile: Path) -> str:
     """The line of a trial's log that says what went wrong."""
     try:
@@ -273,8 +265,10 @@ def last_error(logfile: Path) -> str:
     errors = [line for line in lines if line.lower().startswith("error")]
     return (errors or [line for line in lines if line] or ["the trial failed"])[0][:300]
 
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
 
 def suggest(trial, name: str, dist) -> Any:
     """The trial's value of one params path, through Optuna's public suggest API."""
@@ -286,11 +280,13 @@ def suggest(trial, name: str, dist) -> Any:
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
+
 def dvc_env() -> dict[str, str]:
     """This environment, with this interpreter's folder first on PATH: the stages that DVC
     starts run the same Python as the sweep."""
     folder = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": folder + os.pathsep + os.environ.get("PATH", "")}
+
 
 def dvc(*args: str) -> None:
     """Run a dvc command in the foreground; stop with its error when it fails."""

@@ -1,57 +1,19 @@
-"""x"""
+"""A sweep's search space, read from the `sweep` section of params.yaml: Optuna distributions
+checked against the real params, the metric's stage, the study's name."""
 
 from __future__ import annotations
 
-import argparse
-
-import contextlib
-
 import hashlib
-
 import json
-
-import logging
-
-import os
-
-import queue
-
 import re
-
-import socket
-
-import subprocess
-
-import sys
-
-import tempfile
-
-import threading
-
-import time
-
-import warnings
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
-import psutil
-
-import yaml
-
-from stages import paths, tracking
-
-from stages.errors import StageError, first_line, install_excepthook
-
-from stages.params import Params, Range, Sweep, load_params, parse_params
-
-from stages.sweep.driver import dvc
-
+from stages.core import dvcyaml, outputs, paths
+from stages.core.errors import StageError
+from stages.core.params import Range, Sweep, parse_params
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+
 
 def _lookup(raw: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
     """The mapping that holds a dotted params path, and the last key."""
@@ -63,6 +25,7 @@ def _lookup(raw: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
         raise StageError(f"params.yaml: sweep.space.{dotted}: not a parameter in params.yaml")
     return node, key
 
+
 def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of the raw params with the dotted paths set to these values."""
     copy = json.loads(json.dumps(raw))
@@ -70,6 +33,7 @@ def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         node, key = _lookup(copy, dotted)
         node[key] = value
     return copy
+
 
 def distributions(raw: dict[str, Any], spec: Sweep) -> dict[str, Any]:
     """Optuna's distribution for every entry of the space; a bad entry stops with one line.
@@ -82,7 +46,7 @@ def distributions(raw: dict[str, Any], spec: Sweep) -> dict[str, Any]:
         IntDistribution,
     )
 
-    from stages.params import SETTINGS
+    from stages.core.params import SETTINGS
 
     out: dict[str, Any] = {}
     for dotted, entry in spec.space.items():
@@ -122,6 +86,7 @@ def distributions(raw: dict[str, Any], spec: Sweep) -> dict[str, Any]:
             out[dotted] = FloatDistribution(entry.low, entry.high, log=entry.log, step=entry.step)
     return out
 
+
 def grid(space: dict[str, Any]) -> dict[str, list[Any]]:
     """The grid sampler's search space: the choices, or every step of a stepped range."""
     from optuna.distributions import CategoricalDistribution
@@ -140,7 +105,8 @@ def grid(space: dict[str, Any]) -> dict[str, list[Any]]:
             out[name] = [dist.low + i * dist.step for i in range(count)]
     return out
 
-def metric_stage(spec: Sweep, stages: list[tracking.Stage]) -> str:
+
+def metric_stage(spec: Sweep, stages: list[dvcyaml.Stage]) -> str:
     """The stage that writes the sweep's metric, checked against `until` and the workspace."""
     names = [s.name for s in stages]
     if spec.until not in names:
@@ -153,13 +119,14 @@ def metric_stage(spec: Sweep, stages: list[tracking.Stage]) -> str:
         )
     file = paths.METRICS / f"{stage}.json"
     if file.exists():  # what this workspace's last run wrote
-        known = tracking.prefixed(stage, tracking.read_json(file))
+        known = outputs.prefixed(stage, outputs.read_json(file))
         if known and spec.metric not in known:
             raise StageError(
                 f"params.yaml: sweep.metric: {file} has no {spec.metric!r}; it has "
                 + ", ".join(sorted(known)[:8])
             )
     return stage
+
 
 def study_name(spec: Sweep) -> str:
     """The default study: named after what is searched, so that a changed space starts anew."""

@@ -1,56 +1,18 @@
-"""x"""
+"""A sweep's Optuna study: its storage (optuna.db beside params.yaml, or a shared PostgreSQL
+URL), sampler, pruner and stale-trial heartbeat."""
 
 from __future__ import annotations
 
-import argparse
-
-import contextlib
-
-import hashlib
-
-import json
-
-import logging
-
 import os
-
-import queue
-
 import re
-
-import socket
-
-import subprocess
-
-import sys
-
-import tempfile
-
-import threading
-
 import time
-
 import warnings
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
-import psutil
-
-import yaml
-
-from stages import paths, tracking
-
-from stages.errors import StageError, first_line, install_excepthook
-
-from stages.params import Params, Range, Sweep, load_params, parse_params
-
+from stages.core import paths
+from stages.core.errors import StageError, first_line
+from stages.core.params import Sweep
 from stages.sweep.space import grid
-from stages.sweep.trials import REPORTED
-
 
 STORAGE_ENV = "VISION_SWEEP_STORAGE"
 
@@ -60,13 +22,22 @@ STORAGE_FILE = "optuna.db"
 HEARTBEAT_S = 5
 
 GRACE_S = 15
+# The sweep's metric, and the per-epoch validation score that moves the same way.
+REPORTED = {
+    "evaluate/accuracy": "val_accuracy",
+    "train/val_accuracy": "val_accuracy",
+    "evaluate/loss": "val_loss",
+    "train/val_loss": "val_loss",
+}
+
 
 def storage_url(given: str | None) -> str:
     """--storage, else $VISION_SWEEP_STORAGE, else optuna.db at the repository root."""
     url = given or os.environ.get(STORAGE_ENV) or ""
     if not url:
-        return f"sqlite:///{(tracking.repo_root() / STORAGE_FILE).resolve()}"
+        return f"sqlite:///{(paths.repo_root() / STORAGE_FILE).resolve()}"
     return url
+
 
 def open_storage(url: str, heartbeat: bool = True):
     """Optuna's RDB storage; an unreachable or bad URL stops with one line."""
@@ -89,6 +60,7 @@ def open_storage(url: str, heartbeat: bool = True):
                 f"sweep: the Optuna storage {shown} cannot be opened: {first_line(exc)}"
             ) from None
 
+
 def make_sampler(spec: Sweep, space: dict[str, Any], jobs: int):
     import optuna
 
@@ -101,6 +73,7 @@ def make_sampler(spec: Sweep, space: dict[str, Any], jobs: int):
         seed=spec.seed, n_startup_trials=spec.startup_trials, constant_liar=jobs > 1
     )
 
+
 def make_pruner(spec: Sweep):
     import optuna
 
@@ -108,11 +81,13 @@ def make_pruner(spec: Sweep):
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials)
 
+
 def finished(study) -> int:
     """Trials that count towards the total: complete or pruned."""
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
 
 def best_trial(study):
     """The best complete trial, or None before any completed."""

@@ -1,6 +1,6 @@
 """Compare the runs of the MLflow experiment as a table.
 
-    python -m stages.compare [--sort evaluate/accuracy] [--csv runs.csv] [--markdown runs.md]
+    vision-compare [--sort evaluate/accuracy] [--csv runs.csv] [--markdown runs.md]
 
 One row per run (per pipeline result): the params that differ between runs and the key
 metrics of every stage, best first by the sort metric, printed as a markdown table.
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import logs, tracking
-from stages.errors import StageError, first_line
-from stages.params import MLflow, load_params
+from stages.core import logs
+from stages.core.entry import console_script
+from stages.core.errors import StageError, first_line
+from stages.core.params import MLflow, load_params
+from stages.tracking import mlflow_store
 
-log = logging.getLogger("stages.compare")
+log = logging.getLogger(__name__)
 
 # One headline number per stage: quality, INT8 quality, deployed speed, training speed.
 KEY_METRICS = (
@@ -43,27 +45,28 @@ IGNORED_PARAMS = ("data.root",)
 
 def open_store(cfg: MLflow):
     """MLflow's client on the existing store, with the store's lock."""
-    uri = tracking.tracking_uri(cfg)
-    db = tracking.sqlite_file(uri)
+    uri = mlflow_store.tracking_uri(cfg)
+    db = mlflow_store.sqlite_file(uri)
     if db is not None and not db.exists():
         raise StageError(f"mlflow: no store at {db} yet (run the pipeline first)")
-    tracking.check_store(uri)
-    import mlflow
-
+    mlflow_store.check_store(uri)
+    mlflow = mlflow_store.import_mlflow()
     mlflow.set_tracking_uri(uri)
-    return mlflow, mlflow.MlflowClient(uri), tracking.store_lock(uri)
+    return mlflow, mlflow.MlflowClient(uri), mlflow_store.store_lock(uri)
 
 
 def runs_frame(cfg: MLflow) -> pd.DataFrame:
     """Every live run of the configured experiment: params.*, metrics.*, tags.* columns
     (a sweep's parent run holds no model: left out)."""
-    name = tracking.experiment_name(cfg)
+    name = mlflow_store.experiment_name(cfg)
     mlflow, client, lock = open_store(cfg)
     try:
         with lock:  # opening the store may migrate its schema
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
-                raise StageError(f"mlflow: no experiment '{name}' in {tracking.tracking_uri(cfg)}")
+                raise StageError(
+                    f"mlflow: no experiment '{name}' in {mlflow_store.tracking_uri(cfg)}"
+                )
             runs = mlflow.search_runs([experiment.experiment_id], output_format="pandas")
             if "tags.sweep.role" in runs:
                 runs = runs[runs["tags.sweep.role"] != "parent"]
@@ -71,7 +74,7 @@ def runs_frame(cfg: MLflow) -> pd.DataFrame:
     except StageError:
         raise
     except Exception as exc:
-        raise StageError(f"mlflow: {tracking.tracking_uri(cfg)}: {first_line(exc)}") from None
+        raise StageError(f"mlflow: {mlflow_store.tracking_uri(cfg)}: {first_line(exc)}") from None
 
 
 def lower_is_better(metric: str) -> bool:
@@ -137,10 +140,8 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line of `python -m stages.compare`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.compare", description=__doc__.splitlines()[0]
-    )
+    """The command line of `vision-compare`."""
+    parser = argparse.ArgumentParser(prog="vision-compare", description=__doc__.splitlines()[0])
     parser.add_argument("--sort", default="evaluate/accuracy", help="metric to rank runs by")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--ascending", action="store_true", default=None, help="smallest first")
@@ -173,9 +174,7 @@ def main(argv: list[str]) -> None:
         log.info("wrote %s", args.markdown)
 
 
-def cli() -> None:
-    """Console script `vision-compare`."""
-    main(sys.argv[1:])
+cli = console_script(main)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Classify image files with any model the pipeline made: .pt, .onnx or OpenVINO .xml.
 
-    python -m stages.predict photo.png scans/ --model models/openvino/model_int8.xml --top 3
+    vision-predict photo.png scans/ --model models/openvino/model_int8.xml --top 3
 
 Images are decoded, converted to grey or RGB and resized by the very code the prepare
 stage runs on image folders, with the channels, size and classes saved in models/model.pt;
@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages import logs, paths, runtimes, sources
-from stages.errors import StageError
-from stages.outputs import load_torch
-from stages.params import Data
+from stages.core import logs, paths
+from stages.core.entry import install_excepthook
+from stages.core.errors import StageError
+from stages.core.outputs import load_torch
+from stages.core.params import Data
+from stages.data import sources
+from stages.models import runtimes
 
 # Images decoded and scored at a time: a folder of any size runs in bounded memory.
 CHUNK = 256
@@ -190,6 +193,7 @@ def main(argv: list[str]) -> None:
 
 def cli() -> None:
     """Entry point of the `vision-predict` console script."""
+    install_excepthook()
     try:
         main(sys.argv[1:])
     except BrokenPipeError:

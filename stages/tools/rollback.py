@@ -1,44 +1,25 @@
-"""x"""
+"""`vision-rollback [VERSION]`: point `@champion` back at the champion before it (or at VERSION)."""
 
 from __future__ import annotations
 
 import argparse
-
-import contextlib
-
-import io
-
 import logging
 
-import sys
-
-from dataclasses import dataclass, field
-
-from pathlib import Path
-
-from typing import Any
-
-import numpy as np
-
-from stages import datasets, deploy, logs, model_card, paths, runtimes, tracking
-
-from stages.errors import StageError, first_line
-
-from stages.outputs import write_json, write_text
-
-from stages.params import Params, Promote, load_params
-
+from stages.core import logs
+from stages.core.entry import console_script
+from stages.core.errors import StageError
+from stages.core.params import Params, load_params
 from stages.release.gates import CHAMPION
 from stages.release.registry import PREVIOUS_TAG, Registry
-from stages.promote import main
-
+from stages.tracking import mlflow_store
 
 log = logging.getLogger(__name__)
+
 
 def rollback(params: Params, version: str | None) -> tuple[str, str]:
     """Point @champion at `version`, or at the champion before the current one."""
     cfg = params.promote
-    store = tracking.Store(params, "promote")
+    store = mlflow_store.Store(params, "promote")
     registry = Registry(store, cfg.registered_model)
     current = registry.champion()
     if current is None:
@@ -47,7 +28,7 @@ def rollback(params: Params, version: str | None) -> tuple[str, str]:
     if not target:
         raise StageError(
             f"promote: {cfg.registered_model} version {current.version} was the first "
-            "champion: there is none before it (name a version: --rollback N)"
+            "champion: there is none before it (name a version: vision-rollback N)"
         )
     with store.lock:
         try:
@@ -60,25 +41,27 @@ def rollback(params: Params, version: str | None) -> tuple[str, str]:
         )
     return str(current.version), str(target)
 
-def cli(argv: list[str] | None = None) -> None:
-    """`python -m stages.promote`: the stage, or `--rollback [VERSION]`."""
-    parser = argparse.ArgumentParser(prog="python -m stages.promote", description=__doc__)
+
+def main(argv: list[str]) -> None:
+    """`vision-rollback [VERSION]`: move @champion back and say from which version to which."""
+    parser = argparse.ArgumentParser(prog="vision-rollback", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--rollback",
+        "version",
         nargs="?",
-        const="",
-        metavar="VERSION",
-        help="point @champion back at the previous champion (or at VERSION)",
+        help="the version to point @champion at (default: the champion before the current one)",
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     params = load_params()
-    if args.rollback is None:
-        main(params)
-        return
-    logs.setup("promote")
+    logs.setup("rollback")
     if not params.mlflow.enabled:
-        raise StageError("promote: mlflow.enabled is false: there is no registry to roll back")
-    tracking.check_store(tracking.tracking_uri(params.mlflow))
-    before, after = rollback(params, args.rollback or None)
+        raise StageError("rollback: mlflow.enabled is false: there is no registry to roll back")
+    mlflow_store.check_store(mlflow_store.tracking_uri(params.mlflow))
+    before, after = rollback(params, args.version)
     name = params.promote.registered_model
     log.info("%s @champion: version %s -> version %s", name, before, after)
+
+
+cli = console_script(main)
+
+if __name__ == "__main__":
+    cli()

@@ -1,60 +1,41 @@
-"""x"""
+"""`vision-sweep`: a declared search on Optuna; each trial a DVC experiment and one MLflow run.
+
+    vision-sweep [--trials N] [--jobs J] [--study NAME] [--storage URL]
+                 [--timeout S] [--apply] [--clean]
+
+The `sweep` section of params.yaml says what to search. Optuna (its sampler, pruner,
+storage and stale-trial heartbeat) decides which trial runs next; each trial is
+`dvc exp run --temp -n <study>-<number> -S <its params> <until>`, so it runs in a temporary
+copy of the repository, lands as a DVC experiment and, through the stages, as one MLflow
+run tagged with its study and trial under the sweep's parent run. The study lives in an
+Optuna storage (optuna.db beside params.yaml, or a PostgreSQL URL shared by several
+machines): the same command started again continues where the study stands.
+
+While training as a trial, the train stage reports each epoch's validation score to the
+study (sweep/trials.py) and ends early, exit 0 and `pruned: true` in metrics/train.json,
+when the pruner says so."""
 
 from __future__ import annotations
 
 import argparse
-
 import contextlib
-
-import hashlib
-
-import json
-
 import logging
-
-import os
-
-import queue
-
 import re
-
-import socket
-
-import subprocess
-
 import sys
-
-import tempfile
-
-import threading
-
-import time
-
-import warnings
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
-
-import psutil
 
 import yaml
 
-from stages import paths, tracking
-
-from stages.errors import StageError, first_line, install_excepthook
-
-from stages.params import Params, Range, Sweep, load_params, parse_params
-
-from stages.sweep.space import study_name
+from stages.core import logs, paths
+from stages.core.entry import console_script
+from stages.core.errors import StageError
+from stages.core.params import load_params
+from stages.sweep.driver import Driver, TrialFailed, dvc, exp_ref
 from stages.sweep.studies import STORAGE_ENV, best_trial, finished
-from stages.sweep.driver import DVC, Driver, TrialFailed, dvc, exp_ref
 from stages.tracking.sweep_run import Tracker
 
-
 log = logging.getLogger(__name__)
+
 
 def rows(study, metric: str) -> list[dict[str, Any]]:
     """One row per trial: number, the params that differ between trials, metric, state."""
@@ -75,16 +56,18 @@ def rows(study, metric: str) -> list[dict[str, Any]]:
         for t in trials
     ]
 
+
 def print_table(table: list[dict[str, Any]]) -> None:
     import pandas as pd
 
-    from stages.compare import markdown
+    from stages.tools.compare import markdown
 
     frame = pd.DataFrame(table)
     if frame.empty:
         return
     sys.stdout.write(markdown(frame.rename(columns={"experiment": "run_id"})))
     sys.stdout.flush()
+
 
 def clean(study, keep: str | None) -> None:
     """`dvc exp remove` every experiment of the study but the best one."""
@@ -94,10 +77,9 @@ def clean(study, keep: str | None) -> None:
         dvc("exp", "remove", *gone)
     print(f"removed {len(gone)} experiment(s) of {study.study_name}; kept {keep}", file=sys.stderr)
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.sweep", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="vision-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, help="finished trials the study should have")
     parser.add_argument("--jobs", type=int, help="trials at once on this machine")
     parser.add_argument("--study", help="study name (default: from the sweep section)")
@@ -115,10 +97,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--{flag} must be positive")
     return args
 
+
 def main(argv: list[str]) -> None:
     """Run the study up to its total of finished trials; the table; apply and clean."""
-    from stages import logs
-
     logs.setup("sweep")
     args = parse_args(argv)
     params = load_params()
@@ -190,10 +171,9 @@ def main(argv: list[str]) -> None:
     if args.clean:
         clean(study, exp)
 
-def cli() -> None:
-    """Console script `vision-sweep`."""
-    install_excepthook()
-    main(sys.argv[1:])
+
+cli = console_script(main)
+
 
 if __name__ == "__main__":
     cli()

@@ -1,59 +1,42 @@
-"""x"""
+"""When a stage's MLflow run is logged: by a helper process beside the stage.
+
+Each stage runs inside a `Recorder`: a helper process at idle CPU priority (it only gets
+CPU time the stage leaves unused) that imports MLflow and opens the run while the stage
+works, logs what earlier stages wrote that the run lacks, takes the train stage's epochs
+as they end, and logs the stage's own outputs once the stage has written them. The stage
+waits for it only at its end. The MLflow models are packaged by the helpers of export
+(PyTorch) and convert (ONNX), while those stages work.
+
+A tracking failure never costs the DVC outputs: a store that cannot be used at all stops a
+stage with one line before any work; a failure after that is one warning, and the stage
+goes on.
+"""
 
 from __future__ import annotations
 
-import base64
-
 import contextlib
-
-import csv
-
-import getpass
-
 import json
-
 import logging
-
 import os
-
 import signal
-
 import subprocess
-
 import sys
-
-import time
-
-import urllib.error
-
-import urllib.request
-
-import uuid
-
 from collections.abc import Iterator
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
-from urllib.parse import urlparse
-
-import yaml
-
-from filelock import FileLock
-
-from stages import paths
-
-from stages.errors import StageError, first_line
-
-from stages.params import MLflow, Params, load_params
-
-from stages.core.dvcyaml import before, pipeline
-from stages.tracking.mlflow_store import ONNX_MODEL, PYTORCH_MODEL, SYNC_HINT, Store, check_store, read_run_key, tracking_uri
-from stages.tools.sync import sync
-
+from stages.core.dvcyaml import pipeline, stages_before
+from stages.core.entry import exit_now
+from stages.core.errors import StageError, first_line
+from stages.core.params import Params, load_params
+from stages.tracking.mlflow_store import (
+    ONNX_MODEL,
+    PYTORCH_MODEL,
+    SYNC_HINT,
+    Store,
+    check_store,
+    read_run_key,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +52,7 @@ PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
 HELPED = ("train", "evaluate", "export", "convert", "benchmark")
 
 HELPER_TIMEOUT_S = 900
+
 
 class Recorder:
     """A stage's MLflow helper: `with Recorder("evaluate", params): ...`.
@@ -147,16 +131,19 @@ class Recorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
 
+
 # Helpers started before their stage's module was imported (`python -m stages <stage>`).
 _PRESTARTED: dict[str, subprocess.Popen] = {}
 
+
 def start_helper(stage: str) -> subprocess.Popen:
-    """`python -m stages.tracking record STAGE`, talking over its stdin and stdout."""
-    argv = [sys.executable, "-m", "stages.tracking", "record", stage]
+    """`python -m stages.tracking.helper STAGE`, talking over its stdin and stdout."""
+    argv = [sys.executable, "-m", "stages.tracking.helper", stage]
     try:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     except OSError as exc:
         raise StageError(f"mlflow: cannot start the helper process: {exc}") from None
+
 
 def prestart(stage: str, params: Params) -> None:
     """Start the stage's helper now, so that importing MLflow and opening the store happen
@@ -164,9 +151,11 @@ def prestart(stage: str, params: Params) -> None:
     if params.mlflow.enabled and stage not in _PRESTARTED:
         _PRESTARTED[stage] = start_helper(stage)
 
+
 def discard(stage: str) -> None:
     """End a prestarted helper that no Recorder will take."""
     _end(_PRESTARTED.pop(stage, None))
+
 
 def _end(proc: subprocess.Popen | None) -> None:
     """Stop a helper that has no header yet, so has logged nothing."""
@@ -174,8 +163,9 @@ def _end(proc: subprocess.Popen | None) -> None:
         proc.kill()
         proc.wait()
 
+
 @contextlib.contextmanager
-def maybe(recorder: Recorder | None) -> Iterator[Recorder | None]:
+def optional_recorder(recorder: Recorder | None) -> Iterator[Recorder | None]:
     """A context for an optional recorder (None on ranks other than 0)."""
     if recorder is None:
         yield None
@@ -183,11 +173,14 @@ def maybe(recorder: Recorder | None) -> Iterator[Recorder | None]:
     with recorder:
         yield recorder
 
+
 class _Stopped(BaseException):
     """SIGTERM in the helper: the stage's process group is being ended."""
 
+
 def _stop(signum: int, frame: Any) -> None:
     raise _Stopped
+
 
 def _idle_priority() -> None:
     # The helper may use only CPU time the stage leaves unused (SCHED_IDLE on Linux, the
@@ -198,14 +191,15 @@ def _idle_priority() -> None:
         with contextlib.suppress(OSError):
             os.nice(19)
 
+
 def record(stage: str) -> None:
-    """`python -m stages.tracking record STAGE`: the helper behind a Recorder.
+    """`python -m stages.tracking.helper STAGE`: the helper behind a Recorder.
 
     Its input: one line {"run_key", "tags"}, then one line per finished epoch (train), then
     "done" once the stage has written its outputs; an input that ends before "done" means
     the stage failed or died. Its output: "ready" once the run is open, or "error: ...".
     """
-    from stages import logs
+    from stages.core import logs
 
     _idle_priority()
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -221,12 +215,12 @@ def record(stage: str) -> None:
     try:
         params = load_params()
         stages = pipeline()
-        earlier = before(stage, stages)
+        earlier = stages_before(stage, stages)
         mine = [s for s in stages if s.name == stage]
         store = Store(params, stage)
         header = sys.stdin.readline()
         if not header:  # the stage ended before it got to its Recorder
-            os._exit(0)
+            return
         header = json.loads(header)
         if store.open_run(header["run_key"], header["tags"]) and stage != "train":
             log.warning("MLflow had no run of the model in models/: filling it from the outputs")
@@ -261,5 +255,8 @@ def record(stage: str) -> None:
         with contextlib.suppress(Exception):
             store.finish(status)
     sys.stderr.flush()
-    # Skip the interpreter's teardown of MLflow's modules: nothing waits for it.
-    os._exit(0)
+
+
+if __name__ == "__main__":
+    record(sys.argv[1])
+    exit_now()  # skip the interpreter's teardown of MLflow's modules: nothing waits for it

@@ -1,86 +1,69 @@
-"""x"""
+"""The MLflow store and, in it, the run of the model in models/: where, which run, what.
+
+A pipeline result is its DVC outputs (params.yaml, metrics/, plots/, models/); its MLflow
+run is a copy of them to browse and compare.
+
+- Where: MLFLOW_TRACKING_URI, else `mlflow.tracking_uri`, else SQLite `mlflow.db` at the
+  root of the user's repository (also for queued experiments, which run in temporary
+  copies of it); the experiment is MLFLOW_EXPERIMENT_NAME, else `mlflow.experiment`.
+- Which run: the train stage draws a run key and writes it to models/mlflow_run.json (a
+  train output; the checkpoint keeps it too, so a resumed training keeps its run). The
+  run is the one tagged with that key; the first stage that finds none makes it. So
+  whatever DVC restores (a cache hit, `dvc exp apply`) names the run of that very model,
+  in any store, and a new store or a deleted mlflow.db fills itself from the outputs.
+- What: each stage's params sections, metrics files and plots, read from dvc.yaml; the
+  per-epoch history; the prepared data as a dataset input; the PyTorch and ONNX models
+  as MLflow models and the IR files. Only what the run lacks is logged, so logging the
+  same outputs twice changes nothing.
+
+When it is logged (a helper process beside each stage) is tracking/helper.py.
+"""
 
 from __future__ import annotations
 
 import base64
-
 import contextlib
-
-import csv
-
 import getpass
-
 import json
-
 import logging
-
 import os
-
-import signal
-
 import subprocess
-
-import sys
-
 import time
-
 import urllib.error
-
 import urllib.request
-
 import uuid
-
-from collections.abc import Iterator
-
-from dataclasses import dataclass
-
 from pathlib import Path
-
 from typing import Any
-
 from urllib.parse import urlparse
-
-import yaml
 
 from filelock import FileLock
 
-from stages import paths
-
-from stages.errors import StageError, first_line
-
-from stages.params import MLflow, Params, load_params
-
-from stages.core.dvcyaml import Stage, artifact_folder, before, pipeline
-from stages.core._x_outputs import prefixed, read_history, read_json
-from stages.core._x_paths import repo_root
-from stages.tracking.helper import record
-from stages.tools.sync import sync
-
+from stages.core import paths
+from stages.core.dvcyaml import Stage, artifact_folder
+from stages.core.errors import StageError
+from stages.core.outputs import prefixed, read_history, read_json
+from stages.core.params import MLflow, Params
+from stages.core.paths import repo_root
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "pipeline.run_key"
-
 PYTORCH_MODEL = "pytorch-model"
-
 ONNX_MODEL = "onnx-model"
-
-SYNC_HINT = "re-sync the run later with: python -m stages.tracking sync"
-
+SYNC_HINT = "re-sync the run later with: vision-sync"
 LOCK_TIMEOUT_S = 600
+# MLflow's environment for every process that imports it through import_mlflow():
+MLFLOW_ENVIRONMENT = {
+    # Fail fast on a dead server instead of MLflow's default minutes of retries.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # The pipeline runs offline by design: no usage telemetry thread knocking on the network.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # A stage's log is its own lines: no progress bars for the small files it moves.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 
-# Fail fast on a dead server instead of MLflow's default minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-# The pipeline runs offline by design: no usage telemetry thread knocking on the network.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-# A stage's log is its own lines: no progress bars for the small files it moves.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 def tracking_uri(cfg: MLflow) -> str:
     """MLFLOW_TRACKING_URI if set, else mlflow.tracking_uri, else SQLite at the repo root."""
@@ -93,15 +76,18 @@ def tracking_uri(cfg: MLflow) -> str:
         return f"sqlite:///{repo_root() / uri.removeprefix('sqlite:///')}"
     return uri
 
+
 def experiment_name(cfg: MLflow) -> str:
     """MLFLOW_EXPERIMENT_NAME if set, else mlflow.experiment."""
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment
+
 
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI, None for any other store."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///"))
+
 
 def check_store(uri: str) -> None:
     """One clear line, before any heavy work, when the store cannot be used at all."""
@@ -142,6 +128,7 @@ def check_store(uri: str) -> None:
             "MLFLOW_TRACKING_URI / mlflow.tracking_uri at a running one"
         ) from None
 
+
 def store_lock(uri: str) -> FileLock | contextlib.nullcontext:
     """A lock file beside a SQLite db; nothing for a server, which serializes on its own."""
     # SQLite allows one writer, and MLflow creates and migrates the schema on first open:
@@ -153,9 +140,11 @@ def store_lock(uri: str) -> FileLock | contextlib.nullcontext:
         return contextlib.nullcontext()
     return FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
 
+
 def new_run_key() -> str:
     """A fresh key for the run of a model about to be trained."""
     return uuid.uuid4().hex
+
 
 def read_run_key() -> str:
     """The run key of the model in models/, as the train stage recorded it."""
@@ -165,6 +154,7 @@ def read_run_key() -> str:
         raise StageError(f"{paths.RUN_ID}: not found (run the train stage first)") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise StageError(f"{paths.RUN_ID}: not a run record (rerun the train stage)") from None
+
 
 def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
     """A history row under MLflow names grouped by split: train/loss, val/accuracy, ..."""
@@ -177,6 +167,7 @@ def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
         # Not train/images_per_second: that name holds the whole run's rate (train.json).
         "train/epoch_images_per_second": row["images_per_second"],
     }
+
 
 def git_tags() -> dict[str, str]:
     """The commit and dirty flag of the repository the stage runs in."""
@@ -198,14 +189,18 @@ def git_tags() -> dict[str, str]:
         "mlflow.source.git.commit": commit,
     }
 
+
 def import_mlflow() -> Any:
-    """MLflow, its loggers kept quiet (it sets them to INFO on import: schema migrations,
-    notices)."""
+    """MLflow, with this project's environment (unless the user set those variables) and
+    its loggers kept quiet (it sets them to INFO on import: schema migrations, notices)."""
+    for name, value in MLFLOW_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     import mlflow
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow
+
 
 def experiment_id(client: Any, cfg: MLflow, uri: str) -> str:
     """The configured experiment, made on first use with its files beside a SQLite db."""
@@ -221,6 +216,7 @@ def experiment_id(client: Any, cfg: MLflow, uri: str) -> str:
     # Never into the temporary copy a queued experiment runs in: mlruns/ beside the db.
     db = sqlite_file(uri)
     return client.create_experiment(name, (db.parent / "mlruns").as_uri() if db else None)
+
 
 class Store:
     """The MLflow store, and in it the run of the model in models/ (the helper's side)."""
@@ -283,9 +279,9 @@ class Store:
         }
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-        from stages import sweep  # (sweep imports this module)
+        from stages.sweep import trials
 
-        tags.update(sweep.trial_tags())
+        tags.update(trials.trial_tags())
         with contextlib.suppress(Exception):  # no user name in some containers
             tags["mlflow.user"] = getpass.getuser()
         return tags
@@ -434,12 +430,12 @@ class Store:
         import torch
         from mlflow.models import infer_signature
 
-        from stages import models
+        from stages.models import zoo
 
-        model, config = models.load(paths.MODEL)
+        model, config = zoo.load(paths.MODEL)
         # Two images, so the saved program (torch.export, MLflow's pt2 format) keeps a
         # dynamic batch axis instead of specializing to batch 1.
-        example = models.example_input(config, 2).numpy()
+        example = zoo.example_input(config, 2).numpy()
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
         with self.lock:
@@ -463,9 +459,9 @@ class Store:
         import onnxruntime
         from mlflow.models import infer_signature
 
-        from stages import models, runtimes
+        from stages.models import runtimes, zoo
 
-        example = models.example_input(models.load(paths.MODEL)[1], 1).numpy()
+        example = zoo.example_input(zoo.load(paths.MODEL)[1], 1).numpy()
         output = runtimes.onnxruntime(paths.ONNX)(example)
         with self.lock:
             self.mlflow.set_experiment(experiment_id=self.experiment_id)

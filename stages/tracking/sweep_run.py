@@ -1,71 +1,35 @@
-"""x"""
+"""A sweep's parent run in MLflow: the study's settings, its best trial and Optuna's plots,
+with every trial's run beneath it."""
 
 from __future__ import annotations
 
-import argparse
-
-import contextlib
-
-import hashlib
-
 import json
-
 import logging
-
-import os
-
-import queue
-
-import re
-
-import socket
-
-import subprocess
-
-import sys
-
 import tempfile
-
-import threading
-
-import time
-
 import warnings
-
-from dataclasses import dataclass
-
 from pathlib import Path
-
 from typing import Any
 
-import psutil
-
-import yaml
-
-from stages import paths, tracking
-
-from stages.errors import StageError, first_line, install_excepthook
-
-from stages.params import Params, Range, Sweep, load_params, parse_params
-
-from stages.sweep.studies import best_trial, finished
-from stages.tools.sweep import rows
-
+from stages.core.errors import first_line
+from stages.core.params import Params, Sweep
+from stages.sweep.studies import best_trial
+from stages.tracking import mlflow_store
 
 log = logging.getLogger(__name__)
+
 
 class Tracker:
     """The sweep's parent run in the MLflow experiment, and the trials' runs under it."""
 
     def __init__(self, params: Params):
-        self.uri = tracking.tracking_uri(params.mlflow)
-        tracking.check_store(self.uri)
-        mlflow = tracking.import_mlflow()
+        self.uri = mlflow_store.tracking_uri(params.mlflow)
+        mlflow_store.check_store(self.uri)
+        mlflow = mlflow_store.import_mlflow()
 
         self.client = mlflow.MlflowClient(self.uri)
-        self.lock = tracking.store_lock(self.uri)
+        self.lock = mlflow_store.store_lock(self.uri)
         with self.lock:
-            self.experiment_id = tracking.experiment_id(self.client, params.mlflow, self.uri)
+            self.experiment_id = mlflow_store.experiment_id(self.client, params.mlflow, self.uri)
 
     def parent(self, study: str, spec: Sweep) -> str:
         """The study's parent run: found again on a resumed sweep, else made now."""
@@ -82,7 +46,7 @@ class Tracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=study,
-                tags={"sweep.study": study, "sweep.role": "parent", **tracking.git_tags()},
+                tags={"sweep.study": study, "sweep.role": "parent", **mlflow_store.git_tags()},
             )
             for key, value in spec.model_dump(exclude={"space", "trials", "jobs"}).items():
                 self.client.log_param(run.info.run_id, f"sweep.{key}", value)
@@ -121,6 +85,7 @@ class Tracker:
                 self.client.set_tag(run_id, "sweep.best_trial", str(best.number))
                 self.client.set_tag(run_id, "sweep.best_experiment", best.user_attrs["experiment"])
             self.client.set_terminated(run_id, status)
+
 
 def plot_files(study, folder: Path) -> list[Path]:
     """Optuna's optimisation history and parameter importances as PNGs (what can be drawn)."""

@@ -1,57 +1,23 @@
-"""x"""
+"""The training checkpoint: what it must match to be resumed (params, code, data, world size)
+and the random states that make a resumed run bit-identical."""
 
 from __future__ import annotations
 
-import contextlib
-
 import hashlib
-
 import logging
-
-import math
-
 import random
-
-import sys
-
-import time
-
-from collections.abc import Callable
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
 import numpy as np
-
 import torch
 
-import torch.nn.functional as F
-
-from torch import nn
-
-from torch.nn.parallel import DistributedDataParallel
-
-from torch.utils.data import DistributedSampler
-
-from tqdm import tqdm
-
-from stages import datasets, dist, logs, models, paths, plots, sweep, tracking
-
-from stages.errors import StageError
-
-from stages.outputs import load_torch, save_torch, write_csv, write_json
-
-from stages.params import Params, Train, load_params
-
-
+from stages.core import dvcyaml, paths
+from stages.core.errors import StageError
+from stages.core.outputs import load_torch
+from stages.core.params import Params
 
 log = logging.getLogger(__name__)
 
-# The code that defines the training math: a checkpoint written by other code is stale.
-CHECKPOINT_CODE = ("train.py", "models.py", "dist.py", "datasets.py")
 
 def rng_state() -> dict[str, Any]:
     """This process's random generators, for a bit-identical resume (tensors and numbers)."""
@@ -66,6 +32,7 @@ def rng_state() -> dict[str, Any]:
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what rng_state() saved."""
     random.setstate(state["python"])
@@ -75,17 +42,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
 def checkpoint_key(params: Params, meta: dict[str, Any], world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: training params, code, data, world size."""
+    # The code train depends on as dvc.yaml lists it: a checkpoint written by other code
+    # is stale, as DVC would rerun the stage for it.
     code = hashlib.sha256()
-    for name in CHECKPOINT_CODE:
-        code.update((Path(__file__).parent / name).read_bytes())
+    for file in dvcyaml.stage("train").code():
+        code.update(file.as_posix().encode() + b"\0" + file.read_bytes())
     return {
         "params": params.digest("seed", "model", "train"),
         "code": code.hexdigest()[:16],
         "data": meta["digest"],
         "world_size": world_size,
     }
+
 
 def stale_reason(found: Any, key: dict[str, Any]) -> str | None:
     """Why a checkpoint's key does not match this run (None when it does)."""
@@ -101,7 +72,8 @@ def stale_reason(found: Any, key: dict[str, Any]) -> str | None:
         return f"{found['world_size']} process(es) (this run has {key['world_size']})"
     return None
 
-def load_checkpoint(key: dict[str, Any], resume: bool, log: logging.Logger) -> dict | None:
+
+def load_checkpoint(key: dict[str, Any], resume: bool) -> dict | None:
     """The checkpoint in models/ if resuming is on and it was written by this same training."""
     if not paths.CHECKPOINT.exists():
         return None

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stages import processes
-from stages.errors import StageError
+from stages.core import processes
+from stages.core.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,6 @@ def setup(device_preference: str, threads: int) -> Context:
         processes.keep_freed_memory()
     else:
         torch.cuda.set_device(device)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        processes.exit_with_launcher()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(

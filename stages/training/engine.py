@@ -1,54 +1,29 @@
-"""x"""
+"""The training math: batches on the device, seeding, mixed precision, one step, one epoch, a
+validation pass."""
 
 from __future__ import annotations
 
 import contextlib
-
-import hashlib
-
-import logging
-
-import math
-
 import random
-
-import sys
-
 import time
-
 from collections.abc import Callable
-
 from dataclasses import dataclass
-
-from pathlib import Path
-
 from typing import Any
 
 import numpy as np
-
 import torch
-
 import torch.nn.functional as F
-
 from torch import nn
-
 from torch.nn.parallel import DistributedDataParallel
-
-from torch.utils.data import DistributedSampler
-
 from tqdm import tqdm
 
-from stages import datasets, dist, logs, models, paths, plots, sweep, tracking
-
-from stages.errors import StageError
-
-from stages.outputs import load_torch, save_torch, write_csv, write_json
-
-from stages.params import Params, Train, load_params
-
-
+from stages.core.errors import StageError
+from stages.core.params import Train
+from stages.data import datasets
+from stages.training import dist
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class Batches:
@@ -63,6 +38,7 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.labels)
+
 
 def seed_everything(seed: int, deterministic: bool, compile: bool) -> None:
     """Seed Python, NumPy and torch; optionally force deterministic kernels."""
@@ -80,6 +56,7 @@ def seed_everything(seed: int, deterministic: bool, compile: bool) -> None:
     else:
         torch.backends.cudnn.benchmark = True
 
+
 def amp_dtype(cfg: Train, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA by default, nothing on CPU unless asked."""
     if cfg.amp == "auto":
@@ -90,11 +67,13 @@ def amp_dtype(cfg: Train, device: torch.device) -> torch.dtype | None:
         raise StageError("train.amp: fp16 needs a CUDA device; use bf16 or off on the CPU")
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
 
+
 def autocast_for(device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
     """A factory of autocast contexts (a no-op one when AMP is off)."""
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
 
 def shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Random translations of up to max_shift pixels, per image, as one batched gather."""
@@ -107,6 +86,7 @@ def shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     chan = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[batch, chan, rows, cols]
+
 
 def wrap(raw_model: nn.Module, ctx: dist.Context, compile: bool) -> nn.Module:
     """The module the training steps call: DDP around it when distributed, compiled if asked."""
@@ -122,6 +102,7 @@ def wrap(raw_model: nn.Module, ctx: dist.Context, compile: bool) -> nn.Module:
             gradient_as_bucket_view=True,
         )
     return torch.compile(model) if compile else model
+
 
 def make_step(
     model: nn.Module,
@@ -153,6 +134,7 @@ def make_step(
 
     return step
 
+
 def train_epoch(
     model: nn.Module, data: Batches, order: list[int], step_fn: StepFn, cfg: Train, bar: tqdm
 ) -> torch.Tensor:
@@ -179,6 +161,7 @@ def train_epoch(
             shown = time.monotonic()
         bar.update(len(batch))
     return totals
+
 
 @torch.no_grad()
 def evaluate(

@@ -1,51 +1,14 @@
-"""x"""
+"""The optimizer and the learning-rate schedule: a linear warm-up, then cosine, step or
+constant."""
 
 from __future__ import annotations
 
-import contextlib
-
-import hashlib
-
-import logging
-
 import math
 
-import random
-
-import sys
-
-import time
-
-from collections.abc import Callable
-
-from dataclasses import dataclass
-
-from pathlib import Path
-
-from typing import Any
-
-import numpy as np
-
 import torch
-
-import torch.nn.functional as F
-
 from torch import nn
 
-from torch.nn.parallel import DistributedDataParallel
-
-from torch.utils.data import DistributedSampler
-
-from tqdm import tqdm
-
-from stages import datasets, dist, logs, models, paths, plots, sweep, tracking
-
-from stages.errors import StageError
-
-from stages.outputs import load_torch, save_torch, write_csv, write_json
-
-from stages.params import Params, Train, load_params
-
+from stages.core.params import Train
 
 
 def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
@@ -62,6 +25,7 @@ def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
         return torch.optim.Adadelta(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+
 def lr_factor(step: int, cfg: Train, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr at an optimizer step: linear warm-up, then the schedule."""
     warmup = cfg.warmup_epochs * steps_per_epoch
@@ -73,6 +37,7 @@ def lr_factor(step: int, cfg: Train, steps_per_epoch: int) -> float:
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
     total = max(cfg.epochs * steps_per_epoch - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
+
 
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Train, steps_per_epoch: int
