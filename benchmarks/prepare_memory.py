@@ -2,7 +2,7 @@
 
 Writes a synthetic MNIST-like set (60,000 training and 10,000 test images of 28x28, gzipped
 IDX in torchvision's layout) into a temp folder, then runs `python -m stages.prepare` on it
-in a subprocess inside a tmp copy of the repository (tests/conftest.py's make_repo). The
+in a subprocess inside a tmp copy of the repository (benchmarks/workspace.py's copy_tree). The
 stage's progress bar shows on this terminal; at the end the peak resident memory of the
 child (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss) and the wall time are logged, next
 to the peak of a child that only imports torch: the floor every stage starts from (about
@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+from workspace import copy_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_repo, write_params  # noqa: E402  (the tests' tmp-repo builder)
 
 LIMIT_MB = 1024
 # Images generated and written per step, so the generator itself stays small too.
@@ -95,20 +95,21 @@ def main() -> None:
             args.test,
             time.perf_counter() - started,
         )
-        repo = make_repo(Path(tmp, "repo"))
-        data = {"source": "mnist", "root": str(raw.parent.parent)}
-        data |= {"image_size": args.image_size, "channels": args.channels}
-        write_params(repo, data=data)
+        repo = copy_tree(Path(tmp, "repo"))
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["data"] |= {"source": "mnist", "root": str(raw.parent.parent)}
+        params["data"] |= {"image_size": args.image_size, "channels": args.channels}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         started = time.perf_counter()
         # stderr is inherited: the stage's log and progress bar show here.
-        done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, check=False)
+        done = subprocess.run([sys.executable, "-m", "stages", "prepare"], cwd=repo, check=False)
         wall = time.perf_counter() - started
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         if done.returncode:
             sys.exit(f"prepare failed with exit code {done.returncode}")
         floor_mb = torch_floor(repo)
-    # The only earlier children are git's (make_repo), far smaller than the stage.
+    # The only earlier children are git's (copy_tree), far smaller than the stage.
     log.info("git children peaked at %.0f MB before the stage", before / 1024)
     log.info(
         "prepare: %d images of %dx%dx%d, peak RSS %.0f MB (limit %d MB), wall %.1f s",

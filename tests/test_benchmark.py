@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_params
+from helpers.repos import write_params
 from stages import benchmark
 from stages.core import paths
 from stages.core.errors import StageError

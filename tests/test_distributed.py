@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from train_helpers import (
+
+from helpers.processes import (
     LAUNCH,
     TRAIN,
     assert_same_weights,
@@ -33,8 +34,7 @@ from train_helpers import (
     wait_for,
     weights,
 )
-
-from conftest import (
+from helpers.repos import (
     DVC,
     built_once,
     commit_all,
@@ -297,7 +297,7 @@ def test_a_failed_worker_ends_the_job(ddp_repo: Path, tmp_path: Path) -> None:
 def test_amp_with_nccl_on_every_gpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from train_helpers import prepared_repo
+    from helpers.processes import prepared_repo
 
     gpus = torch.cuda.device_count()
     repo = prepared_repo(

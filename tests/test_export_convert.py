@@ -15,7 +15,7 @@ import torch
 import yaml
 from onnx import numpy_helper
 
-from conftest import write_params
+from helpers.repos import write_params
 from stages import convert, export
 from stages.core import paths
 from stages.core.errors import StageError

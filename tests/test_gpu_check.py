@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, child_env
+from helpers.repos import ROOT, child_env
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 from test_sweep import TRAIN_ONLY, set_sweep
-from train_helpers import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
 
-from conftest import child_env, clone, git, write_params
+from helpers.processes import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
+from helpers.repos import child_env, clone, git, write_params
 from stages import convert, evaluate, export, train
 from stages.core.errors import StageError
 from stages.core.params import load_params

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, read_params, run_module
+from helpers.repos import ROOT, read_params, run_module
 from stages.core.params import Params, ParamsError, load_params
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENT, STAGES, client_for, clone, git, run_dvc, runs_of, write_params
+from helpers.repos import EXPERIMENT, STAGES, client_for, clone, git, run_dvc, runs_of, write_params
 from stages.core.params import load_params
 from stages.release import pyfunc
 from stages.tracking import mlflow_store

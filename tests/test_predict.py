@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_module
+from helpers.repos import run_module
 from stages import prepare
 from stages.core import paths
 from stages.core.errors import StageError

@@ -29,9 +29,9 @@ from test_sources import (
     write_file,
     write_idx_set,
 )
-from train_helpers import inside
 
-from conftest import write_params
+from helpers.processes import inside
+from helpers.repos import write_params
 from stages.core.errors import StageError
 from stages.core.params import load_params
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import client_for, runs_of, write_params
+from helpers.repos import client_for, runs_of, write_params
 from stages import benchmark, convert, evaluate, export, prepare, promote, train
 from stages.core import paths
 from stages.core.params import load_params

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers.repos import (
     built_once,
     client_for,
     clone,

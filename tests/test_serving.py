@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from train_helpers import free_port, http_server, inside
 
-from conftest import ROOT, child_env
+from helpers.processes import free_port, http_server, inside
+from helpers.repos import ROOT, child_env
 from stages.core import paths
 from stages.core.errors import StageError
 from stages.data import datasets

@@ -389,7 +389,7 @@ def test_pdf_folder_skips_empty_and_broken(tmp_path: Path) -> None:
 
 def test_prepare_pdf_folder_in_rgb(repo: Path) -> None:
     """The whole stage on PDFs: pages become images, classes and counts land in meta.json."""
-    from conftest import write_params
+    from helpers.repos import write_params
     from stages import prepare
     from stages.core import paths
     from stages.core.params import load_params

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, Trained
+from helpers.repos import ROOT, Trained
 from stages.core import paths
 from stages.core.params import SETTINGS, load_params
 

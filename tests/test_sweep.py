@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import (
+from helpers.repos import (
     child_env,
     client_for,
     clone,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_sources import make_image_folder
 
-from conftest import clone, commit_all, git, make_repo, run_dvc, write_params
+from helpers.repos import clone, commit_all, git, make_repo, run_dvc, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import free_port
 
-from conftest import EXPERIMENT, ROOT, client_for, clone, runs_of, write_params
+from helpers.processes import free_port
+from helpers.repos import EXPERIMENT, ROOT, client_for, clone, runs_of, write_params
 from stages import evaluate, train
 from stages.core import dvcyaml, outputs, paths
 from stages.core.errors import StageError

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import torch
-from train_helpers import (
+
+from helpers.processes import (
     TRAIN,
     assert_same_weights,
     copy_repo,
@@ -27,8 +28,7 @@ from train_helpers import (
     wait_for,
     weights,
 )
-
-from conftest import write_params
+from helpers.repos import write_params
 from stages import launch, train
 from stages.core import paths
 from stages.core.errors import StageError

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import copy_repo, prepared_repo
 
-from conftest import write_params
+from helpers.processes import copy_repo, prepared_repo
+from helpers.repos import write_params
 from stages import convert, evaluate, export, train
 from stages.core import paths
 from stages.core.params import load_params

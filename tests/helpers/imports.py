@@ -46,7 +46,7 @@ def graph(package: Path) -> dict[str, set[str]]:
         tree = ast.parse(file.read_text(), str(file))
         found = {m for node in ast.walk(tree) for m in _imported(node, known)}
         found |= set(LOADED_BY_PATH.get(name, ()))
-        edges[name] = {m for m in found if m != name and not known[m].name == "__init__.py"}
+        edges[name] = {m for m in found if m != name and known[m].name != "__init__.py"}
     return edges
 
 
@@ -71,7 +71,7 @@ def cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for nxt in sorted(edges.get(module, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from conftest import child_env, make_repo, write_params
+from helpers.repos import child_env, make_repo, write_params
 
 LAUNCH = ("-m", "stages.launch")
 # As dvc.yaml runs it: the stage runner, which starts the MLflow helper first.
