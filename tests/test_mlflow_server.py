@@ -26,7 +26,7 @@ import requests
 from test_sweep import TRAIN_ONLY, set_sweep
 
 from helpers.processes import TRAIN, finish, free_port, http_server, prepared_repo, python, wait_for
-from helpers.repos import child_env, clone, git, write_params
+from helpers.repos import child_env, clone, console_script, git, write_params
 from stages import convert, evaluate, export, train
 from stages.core.errors import StageError
 from stages.core.params import load_params
@@ -302,7 +302,7 @@ def test_two_machines_share_one_sweep_study_on_postgresql(
         # What is shared here is the study; the trials' MLflow runs are test_sweep's (a
         # setting: the trials train the same).
         write_params(repo, mlflow={"enabled": False})
-    command = [sys.executable, "-m", "stages.tools.sweep", "--study", "team", "--storage", url]
+    command = [console_script("vision-sweep"), "--study", "team", "--storage", url]
     drivers = [
         subprocess.Popen(
             command, cwd=repo, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE

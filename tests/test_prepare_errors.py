@@ -2,7 +2,8 @@
 
 Every bad input must end the stage with one `error: ...` line naming the file or key and
 the previous data/prepared left byte for byte as it was. The stage runs in this process
-(its one line and exit code through the real entry point are tested in test_params).
+through the runner, and its error is printed by the excepthook the process installs (the
+exit code through a real process is tested in test_params).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import io
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,8 @@ from test_sources import (
 
 from helpers.processes import inside
 from helpers.repos import write_params
-from stages.core.errors import StageError
-from stages.core.params import load_params
+from stages import __main__ as runner
+from stages.core.entry import report_exception
 
 RAW = Path("data/raw")
 MNIST_RAW = RAW / "MNIST" / "raw"
@@ -50,13 +52,15 @@ class Outcome:
 
 
 def prepare(repo: Path) -> Outcome:
-    """prepare.main on the repo's params; its error, if any, as the one line it prints."""
+    """`python -m stages prepare` in this process: the runner, then on an error what the
+    process's excepthook prints before it exits 1 (one line, or a traceback for a bug)."""
     err = io.StringIO()
     with inside(repo), contextlib.redirect_stderr(err):
         try:
-            prepare.main(load_params())
-        except StageError as exc:
-            return Outcome(1, f"{err.getvalue()}error: {exc}\n")
+            runner.main(["prepare"])
+        except Exception:
+            report_exception(*sys.exc_info())
+            return Outcome(1, err.getvalue())
     return Outcome(0, err.getvalue())
 
 

@@ -21,7 +21,7 @@ from helpers.repos import (
     commit_all,
     git,
     run_dvc,
-    run_module,
+    run_script,
     trim_pipeline,
 )
 
@@ -125,7 +125,7 @@ def test_compare_ranks_the_runs(
     repo, _ = queued
     table_csv, table_md = tmp_path / "runs.csv", tmp_path / "runs.md"
     args = ("--sort", SORT, "--csv", str(table_csv), "--markdown", str(table_md))
-    done = run_module(repo, "-m", "stages.tools.compare", *args)
+    done = run_script(repo, "vision-compare", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 5  # header, separator, one row per run

@@ -21,10 +21,11 @@ from helpers.repos import (
     client_for,
     clone,
     commit_all,
+    console_script,
     git,
     make_repo,
     run_dvc,
-    run_module,
+    run_script,
     trim_pipeline,
     write_params,
 )
@@ -65,7 +66,7 @@ def set_sweep(repo: Path, **changes: Any) -> dict[str, Any]:
 
 
 def run_sweep(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_module(repo, "-m", "stages.tools.sweep", *args)
+    return run_script(repo, "vision-sweep", *args)
 
 
 def sweep_here(repo: Path, capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
@@ -241,7 +242,7 @@ def test_sweep_prunes_and_resumes_after_kill(
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = repo / ".dvc/tmp/sweep/s-2.log"
     killed = subprocess.Popen(
-        [sys.executable, "-m", "stages.tools.sweep", *study, "--trials", "3"],
+        [console_script("vision-sweep"), *study, "--trials", "3"],
         cwd=repo,
         env=child_env(),
         stdout=subprocess.DEVNULL,

@@ -32,7 +32,7 @@ from helpers.repos import write_params
 from stages import launch, train
 from stages.core import paths
 from stages.core.errors import StageError
-from stages.core.params import ParamsError, load_params, parse_params
+from stages.core.params import ParamsError, Train, load_params, parse_params
 from stages.training import checkpoint, dist, engine, optim
 
 TINY = {"train": 192, "val": 64, "test": 64}
@@ -57,7 +57,7 @@ def copy(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return repo
 
 
-def cfg(**changes: Any) -> train.Train:
+def cfg(**changes: Any) -> Train:
     """The repository's train params with some values changed."""
     return load_params().train.model_copy(update=changes)
 
@@ -120,7 +120,7 @@ def test_every_sample_is_evaluated_exactly_once_across_ranks() -> None:
 def test_launcher_watches_the_caller_through_a_shell_wrapper() -> None:
     # What `dvc repro` does when SHELL is unset: `/bin/sh -c cmd`; `; exit` keeps any sh
     # from exec-ing the command, so the shell stays between the caller and the launcher.
-    code = "from stages import processes; print(*[p.pid for p in processes.callers()])"
+    code = "from stages.core import processes; print(*[p.pid for p in processes.callers()])"
     run = [sys.executable, "-c", code]
     direct = subprocess.run(run, capture_output=True, text=True, check=True)
     assert direct.stdout.split() == [str(os.getpid())]
@@ -139,7 +139,7 @@ def test_a_training_process_keeps_the_memory_a_step_frees() -> None:
     # 9,000 faults in this loop, depending on what the imports freed before).
     code = """if True:
         import resource, torch
-        from stages import dist
+        from stages.training import dist
         dist.setup("cpu", 1)
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

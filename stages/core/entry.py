@@ -11,7 +11,8 @@ from collections.abc import Callable
 from stages.core.errors import StageError
 
 
-def _excepthook(exc_type, exc, tb):
+def report_exception(exc_type, exc, tb) -> None:
+    """What an entry point prints for an exception it did not handle (its excepthook)."""
     if issubclass(exc_type, StageError):
         # Printed directly (not through logging): the error must show even on ranks whose
         # log records are filtered, and even before logging is configured.
@@ -25,7 +26,7 @@ def _excepthook(exc_type, exc, tb):
 
 def install_excepthook() -> None:
     """Report StageError as one line on stderr; other exceptions keep their traceback."""
-    sys.excepthook = _excepthook
+    sys.excepthook = report_exception
 
 
 def exit_now(code: int = 0) -> None:

@@ -66,11 +66,13 @@ def round_robin(labels: torch.Tensor) -> torch.Tensor:
 
 def copy_repo(source: Path, dest: Path) -> Path:
     """A copy of a prepared repo without any training outputs or MLflow store."""
-    shutil.copytree(
-        source,
-        dest,
-        ignore=shutil.ignore_patterns("models", "metrics", "plots", "mlflow.db*", "mlruns"),
-    )
+    outputs = {"models", "metrics", "plots", "mlruns", "mlflow.db", "mlflow.db.lock"}
+
+    def top_level_outputs(folder: str, names: list[str]) -> set[str]:
+        # Only the repository's own folders: stages/models/ is code.
+        return outputs & set(names) if Path(folder) == source else set()
+
+    shutil.copytree(source, dest, ignore=top_level_outputs)
     return dest
 
 

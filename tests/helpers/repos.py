@@ -175,7 +175,27 @@ def run_module(
     )
 
 
-DVC = str(Path(sys.executable).parent / "dvc")
+def console_script(name: str) -> str:
+    """The installed console script of this environment (vision-sweep, dvc, ...)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def run_script(
+    repo: Path, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """An installed console script (`vision-sweep ...`) inside the repo, captured."""
+    return subprocess.run(
+        [console_script(name), *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=child_env(env),
+        timeout=timeout,
+        check=False,
+    )
+
+
+DVC = console_script("dvc")
 
 
 def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
