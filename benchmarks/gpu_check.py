@@ -11,7 +11,7 @@ off (the device machine has no mlflow, dvc, openvino or nncf; stage commands run
 as dvc.yaml writes them):
 
 1. environment: Python, torch, CUDA, NCCL, the GPU and CPU;
-2. install: pydantic (which stages.params needs) from the wheels carried in `.whl/`;
+2. install: pydantic (which stages.core.params needs) from the wheels carried in `.whl/`;
 3. imports: every stage module imports with mlflow, dvc, openvino, nncf, optuna hidden (stub
    packages that fail to import), as they are absent on the GPU machine; every later step
    runs with them hidden too, so the dry run proves the same there;
@@ -362,7 +362,8 @@ STAGE_MODULES = (
     "stages.train",
     "stages.evaluate",
     "stages.export",
-    "stages.tracking",
+    "stages.tracking.helper",
+    "stages.tracking.mlflow_store",
 )
 
 

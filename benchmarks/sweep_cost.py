@@ -32,8 +32,8 @@ SPACE = {
 
 
 def sweep(repo: Path, study: str, trials: int, jobs: int) -> float:
-    """Wall seconds of `python -m stages.sweep` for this study."""
-    command = [sys.executable, "-m", "stages.sweep", "--study", study]
+    """Wall seconds of `vision-sweep` for this study."""
+    command = [str(Path(sys.executable).parent / "vision-sweep"), "--study", study]
     return run([*command, "--trials", str(trials), "--jobs", str(jobs)], repo)
 
 

@@ -1,6 +1,6 @@
 """Queued DVC experiments run in temporary copies of the repository, two at once, and
 must land in the user's MLflow store beside the `dvc repro` run, without lock errors;
-then `stages.compare` ranks those real runs."""
+then `vision-compare` ranks those real runs."""
 
 from __future__ import annotations
 

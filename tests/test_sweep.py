@@ -85,7 +85,7 @@ def sweep_here(repo: Path, capfd: pytest.CaptureFixture, *args: str) -> subproce
     finally:
         os.chdir(old)
     out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["stages.sweep", *args], code, out, err)
+    return subprocess.CompletedProcess(["vision-sweep", *args], code, out, err)
 
 
 def load_study(repo: Path, name: str):

@@ -147,8 +147,8 @@ def test_unreachable_server_stops_train_before_any_training(
 CONCURRENT_WRITER = """
 import sys, time
 from pathlib import Path
-from stages import tracking
-from stages.params import load_params
+from stages.tracking import mlflow_store
+from stages.core.params import load_params
 import mlflow  # paid before the start line, so both processes open the store together
 
 Path(f"ready-{sys.argv[1]}").touch()
