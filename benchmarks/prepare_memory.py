@@ -1,7 +1,7 @@
 """Peak memory and time of the prepare stage on an MNIST-sized IDX source.
 
 Writes a synthetic MNIST-like set (60,000 training and 10,000 test images of 28x28, gzipped
-IDX in torchvision's layout) into a temp folder, then runs `python -m stages.prepare` on it
+IDX in torchvision's layout) into a temp folder, then runs `python -m stages prepare` on it
 in a subprocess inside a tmp copy of the repository (benchmarks/workspace.py's copy_tree). The
 stage's progress bar shows on this terminal; at the end the peak resident memory of the
 child (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss) and the wall time are logged, next

@@ -21,7 +21,7 @@ from stages.tracking import helper
 
 def main(argv: list[str]) -> None:
     """Start the stage's helper, then import and run the stage."""
-    stages = [stage.name for stage in dvcyaml.pipeline()]
+    stages = {stage.name: stage for stage in dvcyaml.pipeline()}
     if len(argv) != 1 or argv[0] not in stages:
         raise StageError(f"usage: python -m stages {{{','.join(stages)}}}")
     stage = argv[0]
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         processes.watch_launcher(launcher_died)
     params = load_params()
     # Under torchrun only rank 0 records.
-    if stage in helper.HELPED and os.environ.get("RANK", "0") == "0":
+    if helper.records_through_helper(stages[stage]) and os.environ.get("RANK", "0") == "0":
         helper.prestart(stage, params)
     importlib.import_module(f"stages.{stage}").main(params)
 

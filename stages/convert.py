@@ -181,7 +181,7 @@ class Int8:
         return head | {"int8_method": self.method, "int8_attempts": drops}
 
 
-def climb(
+def quantize_int8_ladder(
     onnx: Path,
     xml: Path,
     cfg: OpenVINO,
@@ -264,7 +264,7 @@ def main(params: Params) -> None:
         with atomic_dir(paths.OPENVINO) as tmp:
             variants = save_float_irs(paths.ONNX, tmp, cfg)
             metrics = {f"accuracy_{name}": judge(xml)["accuracy"] for name, xml in variants.items()}
-            int8 = climb(
+            int8 = quantize_int8_ladder(
                 paths.ONNX,
                 tmp / paths.IR_INT8.name,
                 cfg,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,11 @@ from stages.training.engine import (
     StepFn,
     amp_dtype,
     autocast_for,
+    epoch_indices,
     evaluate,
     make_step,
     seed_everything,
+    steps_per_epoch,
     train_epoch,
     wrap,
 )
@@ -79,8 +80,7 @@ def setup(params: Params, meta: dict[str, Any], ctx: dist.Context) -> Job:
         shuffle=True,
         seed=params.seed,
     )
-    steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(sampler.num_samples, cfg))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
     model = wrap(raw_model, ctx, cfg.compile)
     step = make_step(model, raw_model, optimizer, scheduler, scaler, cfg, autocast)
@@ -104,7 +104,7 @@ def run_epoch(job: Job, epoch: int, ctx: dist.Context) -> dict[str, float]:
     """Train one epoch, then score the validation split; the epoch's history row."""
     cfg = job.cfg
     job.sampler.set_epoch(epoch)
-    order = list(job.sampler)
+    order = epoch_indices(list(job.sampler), cfg)
     # Each rank counts its own images; unit_scale shows the global count and rate.
     bar = tqdm(
         total=len(order),

@@ -196,3 +196,13 @@ def test_the_checkpoint_key_follows_the_train_stages_code_deps(
         fh.write("# a comment\n")
     changed = checkpoint.checkpoint_key(params, meta, 1)
     assert "training code" in checkpoint.stale_reason(changed, key)
+
+
+def test_the_stages_that_get_a_helper_are_those_that_record_through_one() -> None:
+    # The runner starts an MLflow helper early for the stages dvc.yaml shows reading or
+    # writing the run record; each of those, and no other, records through a Recorder.
+    from stages.tracking import helper
+
+    derived = {s.name for s in pipeline(ROOT / "dvc.yaml") if helper.records_through_helper(s)}
+    used = {name for name in STAGES if "Recorder(" in (PACKAGE / f"{name}.py").read_text()}
+    assert derived == used == {"train", "evaluate", "export", "convert", "benchmark"}

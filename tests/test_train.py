@@ -236,6 +236,19 @@ def test_option_trains(copy: Path, changes: dict[str, Any]) -> None:
         assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_max_steps_cuts_each_epoch_and_its_schedule(copy: Path) -> None:
+    # 2 of the epoch's 3 steps of 64 images: each epoch trains 128 images, validates on all,
+    # and the lr schedule spans the steps that ran.
+    write_params(copy, train={"max_steps": 2})
+    params = load_params()
+    train.main(params)
+    history = torch.load(paths.CHECKPOINT, weights_only=True)["history"]
+    assert [row["train_images"] for row in history] == [2 * 64] * 2
+    assert [row["val_images"] for row in history] == [TINY["val"]] * 2
+    expected = params.train.lr * optim.lr_factor(2 * 2, params.train, 2)
+    assert history[-1]["lr"] == pytest.approx(expected)
+
+
 @pytest.mark.slow
 def test_compile_trains(copy: Path) -> None:
     pytest.importorskip("torch._inductor")

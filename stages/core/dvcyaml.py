@@ -41,6 +41,7 @@ class Stage:
     metrics: tuple[Path, ...]
     files: tuple[Path, ...]
     deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
 
     def code(self) -> list[Path]:
         """The project's source files among the stage's deps (folders as their .py files)."""
@@ -77,6 +78,7 @@ def pipeline(file: Path = paths.DVC_YAML) -> list[Stage]:
             tuple(Path(m) for m in names(spec.get("metrics", []))),
             tuple(Path(o) for o in names(spec.get("outs", [])) if artifact_folder(Path(o))),
             tuple(names(spec.get("deps", []))),
+            tuple(names(spec.get("outs", []))),
         )
         for name, spec in stages.items()
     ]

@@ -52,6 +52,7 @@ class Model(Section):
 
 class Train(Section):
     epochs: Annotated[int, Field(ge=1, le=1000)]
+    max_steps: Annotated[int, Field(ge=0)]
     batch_size: Annotated[int, Field(ge=1, le=65536)]
     optimizer: Literal["adamw", "sgd", "adadelta"]
     lr: Annotated[float, Field(gt=0.0, le=100.0)]

@@ -24,7 +24,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from stages.core.dvcyaml import pipeline, stages_before
+from stages.core import paths
+from stages.core.dvcyaml import Stage, pipeline, stages_before
 from stages.core.entry import exit_now
 from stages.core.errors import StageError, first_line
 from stages.core.params import Params, load_params
@@ -47,9 +48,8 @@ log = logging.getLogger(__name__)
 # packages any that are missing.
 PACKAGED_WITH = {"export": PYTORCH_MODEL, "convert": ONNX_MODEL}
 
-# The stages that record through a helper process. prepare makes no run (a run belongs to
-# a trained model); promote records in its own process, since deciding needs the registry.
-HELPED = ("train", "evaluate", "export", "convert", "benchmark")
+# promote records in its own process, since deciding needs the registry.
+RECORDS_IN_PROCESS = ("promote",)
 
 HELPER_TIMEOUT_S = 900
 
@@ -134,6 +134,14 @@ class Recorder:
 
 # Helpers started before their stage's module was imported (`python -m stages <stage>`).
 _PRESTARTED: dict[str, subprocess.Popen] = {}
+
+
+def records_through_helper(stage: Stage) -> bool:
+    """Whether a stage records through a helper process: those that write or read the run
+    record (a run belongs to a trained model: prepare makes none), promote aside."""
+    run_record = paths.RUN_ID.as_posix()
+    touches = run_record in stage.outs or run_record in stage.deps
+    return touches and stage.name not in RECORDS_IN_PROCESS
 
 
 def start_helper(stage: str) -> subprocess.Popen:

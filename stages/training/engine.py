@@ -4,6 +4,7 @@ validation pass."""
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -133,6 +134,17 @@ def make_step(
         return loss, logits
 
     return step
+
+
+def epoch_indices(order: list[int], cfg: Train) -> list[int]:
+    """This rank's images of one epoch, cut to `train.max_steps` steps when that is set."""
+    return order[: cfg.max_steps * cfg.batch_size] if cfg.max_steps else order
+
+
+def steps_per_epoch(images: int, cfg: Train) -> int:
+    """Optimizer steps of one epoch over this rank's `images`."""
+    steps = math.ceil(images / cfg.batch_size)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 def train_epoch(
