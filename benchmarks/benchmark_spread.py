@@ -55,7 +55,7 @@ def main() -> None:
             for seconds in values:
                 params["benchmark"].update(seconds=seconds, benchmark_app=args.benchmark_app)
                 params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-                walls[seconds].append(run([sys.executable, "-m", "stages.benchmark"], repo))
+                walls[seconds].append(run([sys.executable, "-m", "stages", "benchmark"], repo))
                 results[seconds].append(json.loads((repo / "metrics/benchmark.json").read_text()))
             print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
     print(f"\n{cpu_name()}, {args.repeats} repeats per value")

@@ -254,7 +254,7 @@ def test_pipeline_logs_to_postgresql_with_a_login_and_outlives_the_database(
         assert not (repo / "metrics/evaluate.json").exists()
 
         postgres.start()  # back, with what it held
-        sync.main(["sync"])
+        sync.main([])
         # Through the stage that packages each MLflow model (benchmark records the way
         # evaluate does: not run here).
         for stage in (evaluate, export, convert):

@@ -237,7 +237,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     assert model_names(repo, run) == []  # packaged beside export and convert
 
     # sync adds what the other outputs hold, and what the run has already it leaves alone
-    sync.main(["sync"])
+    sync.main([])
     [run] = runs_of(repo)
     assert "benchmark/pytorch/throughput" in run.data.metrics
     assert steps(repo, run.info.run_id, "train/loss") == [1, 2]

@@ -56,7 +56,10 @@ THREADS = max(usable_cores() // WORKERS, 1) if WORKERS > 1 else 0
 
 # Small but real: two epochs on the bundled digits (curves of two points), short measurements.
 SHRINK: dict[str, dict[str, Any]] = {
-    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64},
+    # No warm-up: two epochs of it left INT8 at the edge of its 0.5-point gate, passing or
+    # not with the thread count (one per xdist worker: 0.83 points below FP16); without
+    # it INT8 scores as FP16 does at 1 and 2 threads.
+    "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 64},
     "runtime": {"threads": THREADS},
     "openvino": {"calibration_size": 50},
     "benchmark": {
