@@ -31,39 +31,37 @@ from helpers.repos import (
     write_params,
 )
 
-# The longest tests first (wall time on 2 busy cores), so that the workers of `pytest -n
-# auto` end together: xdist hands tests out in collection order, one at a time as a worker
-# frees up (pyproject: --dist=load --maxschedchunk=1). A worker holds one test in reserve:
-# compare follows the queue test (which builds `pipeline`) on the first worker, and the
-# PostgreSQL test, which needs no pipeline, runs on the second meanwhile. Every other test
-# keeps its place after these; a name missing here only costs speed.
-LONGEST_FIRST = (
-    "test_queue.py::test_two_queued_experiments_land_in_the_user_store",  # + pipeline
-    "test_queue.py::test_compare_ranks_the_runs",
-    "test_mlflow_server.py::test_pipeline_logs_to_postgresql",
-    "test_params.py::",
-    "test_sweep.py::test_sweep_prunes_and_resumes_after_kill",
-    "test_sweep.py::test_sweep_trials_are_experiments_and_runs",
-    "test_gpu_check.py::test_dry_run_does_every_step_it_can",
-    "test_distributed.py::test_killed_launcher_stops_workers_then_two_nodes",  # + ddp_repo
-    "test_team.py::test_a_teammate_pulls_the_results_and_reproduces_nothing",
-    "test_mlflow_server.py::test_two_machines_share_one_sweep_study",
-    "test_promote.py::test_champion_moves_only_on_evidence_and_rolls_back",
-    "test_zoo.py::",
-    "test_train.py::test_killed_run_resumes_bit_identical_into_the_same_run",
-    "test_distributed.py::test_killed_dvc_repro_stops_launcher_and_workers",
-    "test_pipeline.py::test_settings_rerun_nothing",
-    "test_pipeline.py::test_a_failed_stage_leaves_no_output",
-    "test_tracking.py::test_a_lost_store_is_filled_from_the_outputs",
-)
+# The longest tests first, so that the workers of `pytest -n auto` end together: xdist
+# hands tests out in collection order, one at a time as a worker frees up (pyproject:
+# --dist=load --maxschedchunk=1). How long a test takes is measured, not listed: each run
+# keeps every test's wall time (set-up included, so a test that builds a shared fixture
+# counts it) in pytest's cache, and the next run orders by it. Without a cache (a fresh
+# clone) the `slow` tests go first, in pytest's order.
+DURATIONS = "vision-pipeline/durations"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.nodeid.rsplit("/", 1)[-1]
-        return next((i for i, p in enumerate(LONGEST_FIRST) if name.startswith(p)), 99)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    known: dict[str, float] = config.cache.get(DURATIONS, {}) if config.cache else {}
 
-    items.sort(key=rank)  # stable: the rest stay in pytest's order
+    def longest_first(item: pytest.Item) -> tuple[float, int]:
+        slow = item.get_closest_marker("slow") is not None
+        return (-known.get(item.nodeid, 0.0), 0 if slow else 1)
+
+    items.sort(key=longest_first)  # stable: ties stay in pytest's order
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if config.cache is None or hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller hears every report and writes once
+    config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **_measured})
 
 
 @pytest.fixture(scope="session", autouse=True)
