@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from stages import promote
 from stages.core import dvcyaml, logs, outputs, paths
 from stages.core.errors import StageError, first_line
 from stages.core.outputs import read_csv, write_json, write_text
@@ -96,7 +95,7 @@ def main(params: Params) -> None:
     store = open_store(params)  # a store that cannot be used stops here, before any work
     meta = datasets.load_meta()
     test = datasets.load_split("test")
-    results = promote.read_results()
+    results = read_results()
     deployable = choose_deployable(results["convert"], results["benchmark"], cfg)
     pyfunc.save(deployable.xml, meta["classes"], image_shape(meta), paths.DEPLOYABLE)
     images = datasets.to_model_input(test.images).numpy()

@@ -41,7 +41,8 @@ DURATIONS = "vision-pipeline/durations"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    known: dict[str, float] = config.cache.get(DURATIONS, {}) if config.cache else {}
+    cache = getattr(config, "cache", None)  # none under -p no:cacheprovider
+    known: dict[str, float] = cache.get(DURATIONS, {}) if cache else {}
 
     def longest_first(item: pytest.Item) -> tuple[float, int]:
         slow = item.get_closest_marker("slow") is not None
@@ -58,10 +59,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
-    if config.cache is None or hasattr(config, "workerinput"):
+    cache = getattr(session.config, "cache", None)
+    if cache is None or hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller hears every report and writes once
-    config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **_measured})
+    cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_measured})
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -71,6 +71,7 @@ def test_imports_run_one_way_with_no_cycle() -> None:
     # The graph sees imports inside functions and under TYPE_CHECKING too.
     assert "stages.models.runtimes" in graph["stages.tracking.mlflow_store"]  # in a method
     assert imports.cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert imports.cycle({"a": {"a"}}) == ["a", "a"]  # a module importing itself
 
 
 def test_importing_any_module_changes_nothing_global() -> None:

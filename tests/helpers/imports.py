@@ -46,7 +46,7 @@ def graph(package: Path) -> dict[str, set[str]]:
         tree = ast.parse(file.read_text(), str(file))
         found = {m for node in ast.walk(tree) for m in _imported(node, known)}
         found |= set(LOADED_BY_PATH.get(name, ()))
-        edges[name] = {m for m in found if m != name and known[m].name != "__init__.py"}
+        edges[name] = {m for m in found if known[m].name != "__init__.py"}  # itself too
     return edges
 
 
