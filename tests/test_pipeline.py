@@ -102,7 +102,7 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
 
     params = run.data.params
     assert params["train.lr"] == "0.002"
-    assert params["train.epochs"] == "2"
+    assert params["train.epochs"] == "3"
     assert params["model.name"] == "cnn"
     assert params["seed"] == "42"
     assert params["evaluate.batch_size"] == "512"

@@ -57,7 +57,7 @@ def test_train_writes_model_checkpoint_history_and_run_key(trained: Path) -> Non
     assert blob["config"]["name"] == "cnn"
     assert blob["config"]["classes"] == [str(d) for d in range(10)]
     ckpt = torch.load(trained / paths.CHECKPOINT, weights_only=True)  # no pickled code
-    assert ckpt["epoch"] == 2
+    assert ckpt["epoch"] == 3
     assert (trained / paths.TRAIN_HISTORY).read_text().startswith("epoch,")
     key = json.loads((trained / paths.RUN_ID).read_text())["run_key"]
     assert key == ckpt["run_key"] and len(key) == 32
@@ -66,7 +66,7 @@ def test_train_writes_model_checkpoint_history_and_run_key(trained: Path) -> Non
 def test_evaluate_writes_scores_per_class_and_confusion(trained: Path) -> None:
     scores = json.loads((trained / paths.EVALUATE_METRICS).read_text())
     assert list(scores) == ["accuracy", "macro_f1", "loss"]
-    assert scores["accuracy"] > 0.5  # two epochs on digits are far above chance
+    assert scores["accuracy"] > 0.5  # three short epochs on digits are far above chance
     rows = (trained / paths.PER_CLASS).read_text().splitlines()
     assert rows[0] == "class,precision,recall,f1,support"
     assert [r.split(",")[0] for r in rows[1:]] == [str(d) for d in range(10)]
