@@ -67,6 +67,13 @@ def setup(params: Params, meta: dict[str, Any], ctx: dist.Context) -> Job:
     val_data = Batches.on(datasets.load_split("val"), ctx.device)
     dtype = amp_dtype(cfg, ctx.device)
     autocast = autocast_for(ctx.device, dtype)
+    log.info(
+        "training on %s, %d process(es), backend %s, mixed precision %s",
+        ctx.device,
+        ctx.world_size,
+        dist.backend(),
+        str(dtype).removeprefix("torch.") if dtype else "off",
+    )
     raw_model = zoo.build(config).to(ctx.device)
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)

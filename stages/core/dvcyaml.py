@@ -9,6 +9,9 @@ import yaml
 
 from stages.core import paths
 
+# The package's folder (stages/): its parent is the repository root dvc.yaml's paths start at.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
 # The project's modules whose change cannot change any stage's numbers, each with the
 # reason. A stage's code `deps:` in dvc.yaml list every other project module it imports
 # (tests/test_layout.py checks it against the imports), so that editing these reruns
@@ -44,13 +47,13 @@ class Stage:
     outs: tuple[str, ...] = ()
 
     def code(self) -> list[Path]:
-        """The project's source files among the stage's deps (folders as their .py files)."""
+        """The project's source files among the stage's deps (folders as their .py files),
+        relative to the root of the package that runs, which is where dvc.yaml names them."""
         files: list[Path] = []
-        for dep in self.deps:
-            path = Path(dep)
-            if path.parts[0] != "stages":
-                continue
-            files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for dep in (Path(d) for d in self.deps if Path(d).parts[0] == PACKAGE_ROOT.name):
+            path = PACKAGE_ROOT.parent / dep
+            found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+            files += [f.relative_to(PACKAGE_ROOT.parent) for f in found]
         return files
 
 

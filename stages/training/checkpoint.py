@@ -49,7 +49,8 @@ def checkpoint_key(params: Params, meta: dict[str, Any], world_size: int) -> dic
     # is stale, as DVC would rerun the stage for it.
     code = hashlib.sha256()
     for file in dvcyaml.stage("train").code():
-        code.update(file.as_posix().encode() + b"\0" + file.read_bytes())
+        source = dvcyaml.PACKAGE_ROOT.parent / file
+        code.update(file.as_posix().encode() + b"\0" + source.read_bytes())
     return {
         "params": params.digest("seed", "model", "train"),
         "code": code.hexdigest()[:16],

@@ -81,6 +81,11 @@ def setup(device_preference: str, threads: int) -> Context:
     return Context(rank, world_size, local_rank, local_world_size, device)
 
 
+def backend() -> str:
+    """The process group's backend (nccl, gloo), or "none" in a single process."""
+    return str(dist.get_backend()) if dist.is_initialized() else "none"
+
+
 def teardown() -> None:
     """Leave the process group cleanly (a barrier first so no rank exits mid-collective)."""
     if dist.is_initialized():
