@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,18 @@ def check_schema(repo: Path, batch_size: int, measured: tuple[str, ...] = RUNTIM
         spread = {key: float(row[key]) for key in (*SPREAD, "throughput_p90")}
         assert spread["latency_p10_ms"] <= spread["latency_ms"] <= spread["latency_p90_ms"]
         assert spread["throughput_p10"] <= spread["throughput"] <= spread["throughput_p90"]
+        assert all(math.isfinite(value) for value in spread.values()), name
+        # The metrics file's numbers are the table's (no speed compared: tests are
+        # independent of the machine's speed and of what else runs on it).
         assert spread["throughput"] == pytest.approx(result["throughput"])
-        # One image in a whole batch call cannot take longer than the batch-1 call's
-        # latency by orders of magnitude: the two modes measured the same model (loose:
-        # the tests' other processes share these cores).
-        assert result["throughput"] > 0.02 * 1000 / result["latency_ms"]
+        assert spread["latency_ms"] == pytest.approx(result["latency_ms"])
+        assert float(row["speedup_vs_pytorch"]) == pytest.approx(result["speedup_vs_pytorch"])
         assert result["speedup_vs_pytorch"] == pytest.approx(
             result["throughput"] / metrics["pytorch"]["throughput"]
         )
+    assert metrics["pytorch"]["speedup_vs_pytorch"] == pytest.approx(1.0)
+    # Every runtime on the same threads.
+    assert len({table[name]["threads"] for name in measured}) == 1
     for name in {"openvino_fp16", "openvino_int8"} & set(measured):
         assert float(table[name]["throughput_async"]) > 0
     # One measurement each, not one number copied to every runtime.
@@ -69,10 +74,12 @@ def test_benchmark_app_cross_checks_our_numbers(trained_repo: Path) -> None:
     check_schema(trained_repo, params.benchmark.batch_size)
     table = rows(trained_repo)
     for name in ("openvino_fp16", "openvino_int8"):
-        app = float(table[name]["benchmark_app_throughput"])
-        # Same IR, shape and threads: the same order of magnitude as our own number
-        # (loose: other processes share this machine's cores).
-        assert 0.1 < app / float(table[name]["throughput"]) < 10, name
+        # benchmark_app ran on each IR and reported its images/s (the stage leaves the
+        # cell empty when the tool is missing or fails). How close it comes to our own
+        # number is a matter of speed, which depends on the machine: not tested.
+        app = table[name]["benchmark_app_throughput"]
+        assert app != "", f"{name}: benchmark_app gave no throughput"
+        assert math.isfinite(float(app)) and float(app) > 0, name
 
 
 def test_benchmark_without_an_int8_ir(trained_repo: Path) -> None:

@@ -48,10 +48,37 @@ def test_export_metrics_of_the_real_model(trained: Path) -> None:
 
 
 def test_the_new_exporter_handles_the_models(trained_repo: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
     model, config = zoo.load(paths.MODEL)
     cfg = load_params().export
     file = tmp_path / "dynamo.onnx"
     assert export.to_onnx(model, zoo.example_input(config, 2), file, cfg) == "dynamo"
+
+    # The file itself: a valid graph at the asked opset, batch symbolic in and out.
+    onnx.checker.check_model(str(file), full_check=True)
+    graph = onnx.load(str(file))
+    assert graph.opset_import[0].version == cfg.opset
+    (images,), (logits,) = graph.graph.input, graph.graph.output
+    assert (images.name, logits.name) == ("images", "logits")
+    batch = {v.type.tensor_type.shape.dim[0].dim_param for v in (images, logits)}
+    assert len(batch) == 1 and "" not in batch, f"batch axes {batch}: not one symbol"
+    assert [d.dim_value for d in images.type.tensor_type.shape.dim[1:]] == [
+        config["channels"],
+        config["image_size"],
+        config["image_size"],
+    ]
+    # ONNX Runtime on it (not through the stages' runtime) against PyTorch, on real test
+    # images at batch sizes other than the example's 2.
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    inputs = datasets.to_model_input(datasets.load_split("test").images)
+    for count in (1, 7, len(inputs)):
+        with torch.no_grad():
+            expected = model(inputs[:count]).numpy()
+        (got,) = session.run(None, {"images": inputs[:count].numpy()})
+        assert got.shape == (count, len(config["classes"]))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=cfg.atol)
+        assert (got.argmax(1) == expected.argmax(1)).all()
 
 
 def test_onnx_batch_axis_is_dynamic(trained: Path) -> None:

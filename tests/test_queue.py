@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import itertools
 import json
 import re
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.processes import wait_for
 from helpers.repos import (
     built_once,
     client_for,
@@ -61,25 +61,32 @@ def run_queue(repo: Path) -> list[tuple[str, str]]:
     trim_pipeline(repo, "train")
     commit_all(repo)
     for rate in RATES:
-        # One epoch each, and one thread each: two at a time share the two cores.
-        sets = ("-S", f"train.lr={rate}", "-S", "train.epochs=1", "-S", "runtime.threads=1")
+        # Two epochs of every step each: the two runs must overlap by more than the
+        # queue's staggered start-ups (checked below). One thread each: two at a time
+        # share the two cores.
+        sets = ("-S", f"train.lr={rate}", "-S", "train.epochs=2", "-S", "train.max_steps=0")
+        sets += ("-S", "runtime.threads=1")
         queued = run_dvc(repo, "exp", "run", "--queue", *sets)
         assert queued.returncode == 0, queued.stderr
+    looked = [time.monotonic()]
+
+    def settled() -> list[tuple[str, str]] | None:
+        # A finished experiment is a git ref: cheap to look for. `dvc queue status` (a dvc
+        # process, CPU the experiments need) once both are in, or every 30 s to see a failure.
+        refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps/").split()
+        finished = len([r for r in refs if r.count("/") > 3]) == 2  # not the queue's own
+        if not finished and time.monotonic() - looked[0] < 30:
+            return None
+        looked[0] = time.monotonic()
+        rows = queue_rows(repo)
+        done = len(rows) == 2 and all(s in ("Success", "Failed") for _, s in rows)
+        return rows if done else None
+
     try:
         started = run_dvc(repo, "queue", "start", "-j", "2")
         assert started.returncode == 0, started.stderr
-        deadline = time.monotonic() + 900
-        for look in itertools.count():
-            # A finished experiment is a git ref: a cheap look every 2 s. `dvc queue
-            # status` (a dvc process, CPU the experiments need) every 30 s tells a failure.
-            refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps/").split()
-            finished = len([r for r in refs if r.count("/") > 3]) == 2  # not the queue's own
-            if finished or look % 15 == 14:
-                rows = queue_rows(repo)
-                if len(rows) == 2 and all(s in ("Success", "Failed") for _, s in rows):
-                    break
-            assert time.monotonic() < deadline, f"queue still busy: {queue_rows(repo)}"
-            time.sleep(2)
+        # The timeout is a hang guard only.
+        rows = wait_for(settled, timeout=900, what="the queued experiments", poll=0.5)
     finally:
         with contextlib.suppress(Exception):
             run_dvc(repo, "queue", "stop", timeout=120)
@@ -106,7 +113,15 @@ def test_two_queued_experiments_land_in_the_user_store(queued: tuple[Path, list]
         assert run.info.status == "FINISHED"
         assert "train/val_accuracy" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "train/loss")
-        assert sorted(m.step for m in history) == [1, 2][: int(run.data.params["train.epochs"])]
+        epochs = int(run.data.params["train.epochs"])
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+    # Two at a time: the later run opened before the earlier one was closed (the runs'
+    # start and end times are when each training opened and finished its run).
+    first, later = sorted(queued_runs, key=lambda r: r.info.start_time)
+    assert later.info.start_time < first.info.end_time, (
+        f"one after the other: {first.info.run_name} ended at {first.info.end_time}, "
+        f"{later.info.run_name} started at {later.info.start_time}"
+    )
     for run in queued_runs:
         assert run.info.run_name == run.data.tags["dvc.experiment"]
         # artifacts live where the experiment keeps them (beside the db it was made in),

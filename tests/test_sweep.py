@@ -172,6 +172,13 @@ def test_sweep_trials_are_experiments_and_runs(
     # Two at a time, each on its own core.
     logs = [(repo / ".dvc/tmp/sweep" / f"{name}-{t.number}.log").read_text() for t in trials]
     assert all("Ran experiment(s)" in text for text in logs)
+    # At once: the later trial's run opened before the earlier one's was closed (a trial's
+    # run spans its stages, train to `until`; --apply below reopens the best one).
+    first, later = sorted(runs, key=lambda r: r.info.start_time)
+    assert later.info.start_time < first.info.end_time, (
+        f"one after the other: {first.info.run_name} ended at {first.info.end_time}, "
+        f"{later.info.run_name} started at {later.info.start_time}"
+    )
 
     again = sweep_here(repo, capfd)
     assert again.returncode == 0, again.stderr[-2000:]

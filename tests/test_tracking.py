@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.processes import free_port
+from helpers.processes import free_port, wait_for
 from helpers.repos import EXPERIMENT, ROOT, client_for, clone, runs_of, write_params
 from stages import evaluate, train
 from stages.core import dvcyaml, outputs, paths
@@ -201,7 +201,14 @@ def test_system_metrics_are_recorded_when_asked(
     store = mlflow_store.Store(load_params(), "train")
     store.open_run(mlflow_store.read_run_key(), {})
     store.watch_system()
-    time.sleep(2)
+    client = client_for(trained_repo)
+
+    def sampled() -> bool:
+        return "system/cpu_utilization_percentage" in client.get_run(store.run_id).data.metrics
+
+    # The sampler's first log reaches the store: waited for, not slept on (the timeout is a
+    # hang guard; at a 0.5 s interval it comes within a second or so).
+    wait_for(sampled, timeout=120, what="MLflow's first system metrics", poll=0.1)
     store.finish("FINISHED")
     [run] = runs_of(trained_repo)
     assert "system/cpu_utilization_percentage" in run.data.metrics

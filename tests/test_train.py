@@ -251,8 +251,9 @@ def test_max_steps_cuts_each_epoch_and_its_schedule(copy: Path) -> None:
 
 @pytest.mark.slow
 def test_compile_trains(copy: Path) -> None:
-    pytest.importorskip("torch._inductor")
     import shutil
+
+    import torch._inductor  # noqa: F401  (ships with torch: missing is a broken install)
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
@@ -292,12 +293,19 @@ def test_changed_params_refuse_the_checkpoint(copy: Path, capfd: pytest.CaptureF
 def test_killed_run_resumes_bit_identical_into_the_same_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Enough images that an epoch lasts a second or two: the kill lands mid-epoch.
+    # Killed the moment epoch 1's checkpoint appears (a SIGKILL acts at once), with two
+    # whole epochs of every step (no train.max_steps: 10 steps each) still to go.
     counts = {"train": 640, "val": 64, "test": 64}
     base = prepared_repo(
         tmp_path / "base",
         counts=counts,
-        train={"epochs": 3, "warmup_epochs": 1, "deterministic": True, "augment_shift": 1},
+        train={
+            "epochs": 3,
+            "max_steps": 0,
+            "warmup_epochs": 1,
+            "deterministic": True,
+            "augment_shift": 1,
+        },
         runtime={"threads": 1},  # the two runs side by side share the cores
     )
     whole = copy_repo(base, tmp_path / "whole")
@@ -305,11 +313,11 @@ def test_killed_run_resumes_bit_identical_into_the_same_run(
     killed = copy_repo(base, tmp_path / "killed")
     victim = python(killed, *TRAIN)
     ckpt = killed / "models/checkpoint.pt"
-    wait_for(ckpt.exists, 240, "the first checkpoint")
+    wait_for(ckpt.exists, 240, "the first checkpoint", poll=0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     epoch = torch.load(ckpt, weights_only=True)["epoch"]
-    assert epoch < 3, "the run ended before it was killed: make it longer"
+    assert epoch < 3, "the run ended before it was killed"
     assert not (killed / "models/model.pt").exists()
 
     text = finish(python(killed, *TRAIN, log="resume.log"), killed, "resume.log")
