@@ -74,6 +74,7 @@ def test_imports_run_one_way_with_no_cycle() -> None:
     assert imports.cycle({"a": {"a"}}) == ["a", "a"]  # a module importing itself
 
 
+@pytest.mark.slow  # imports every library the package uses: several seconds
 def test_importing_any_module_changes_nothing_global() -> None:
     # In a fresh interpreter: the libraries our modules import at their top first (some set
     # variables of their own, e.g. KMP_* for OpenMP), then every module of ours, and the
@@ -173,36 +174,29 @@ def test_the_stages_and_their_commands_come_from_dvc_yaml() -> None:
         assert (PACKAGE / f"{name}.py").exists()
 
 
-def test_the_checkpoint_key_follows_the_train_stages_code_deps(tmp_path: Path) -> None:
+def test_the_checkpoint_key_follows_the_train_stages_code_deps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The checkpoint's code key is the files train lists in dvc.yaml, as the package that
-    # runs holds them (a copy here, run from its root): changing one of them makes an old
-    # checkpoint stale; changing the log format does not.
-    for name in ("stages", "dvc.yaml", "params.yaml"):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, tmp_path / name)
-    code = (
-        "from stages.core.params import load_params\n"
-        "from stages.training import checkpoint\n"
-        "print(checkpoint.checkpoint_key(load_params(), {'digest': 'd'}, 1)['code'])\n"
-    )
+    # runs holds them (here a copy, where the key reads them): changing one of them makes
+    # an old checkpoint stale; changing the log format does not.
+    from stages.core import dvcyaml
+    from stages.core.params import load_params
+    from stages.training import checkpoint
 
-    def key() -> str:
-        done = subprocess.run(
-            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout.strip()
-
-    first = key()
+    shutil.copytree(PACKAGE, tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(dvcyaml, "PACKAGE_ROOT", tmp_path / "stages")
+    monkeypatch.chdir(ROOT)  # dvc.yaml and params.yaml
+    params, meta = load_params(), {"digest": "d"}
+    first = checkpoint.checkpoint_key(params, meta, 1)
+    assert first == checkpoint.checkpoint_key(params, meta, 1)
     with open(tmp_path / "stages/core/logs.py", "a") as fh:
         fh.write("# a comment\n")
-    assert key() == first
+    assert checkpoint.stale_reason(checkpoint.checkpoint_key(params, meta, 1), first) is None
     with open(tmp_path / "stages/training/engine.py", "a") as fh:
         fh.write("# a comment\n")
-    assert key() != first
+    changed = checkpoint.checkpoint_key(params, meta, 1)
+    assert "training code" in checkpoint.stale_reason(changed, first)
 
 
 def test_the_stages_that_get_a_helper_are_those_that_record_through_one() -> None:
