@@ -113,7 +113,7 @@ def test_dvc_repro_records_one_complete_mlflow_run(pipeline: Path) -> None:
 
     client = client_for(pipeline)
     for name in ("train/loss", "val/loss", "train/accuracy", "val/accuracy"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2], name
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2, 3], name
     for name in FINAL_METRICS:
         assert name in run.data.metrics, name
     evaluate = json.loads((pipeline / "metrics" / "evaluate.json").read_text())

@@ -236,7 +236,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     assert "MLflow had no run of the model in models/: filling it" in capfd.readouterr().err
     [run] = runs_of(repo)
     assert run.data.tags[mlflow_store.RUN_KEY_TAG] == key
-    assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
+    assert steps(repo, run.info.run_id, "train/loss") == [1, 2, 3]
     assert run.data.params["train.lr"] == "0.002"
     for name in ("train/images_per_second", "evaluate/accuracy"):
         assert name in run.data.metrics, name
@@ -247,7 +247,7 @@ def test_a_lost_store_is_filled_from_the_outputs_and_sync_adds_only_what_is_miss
     sync.main([])
     [run] = runs_of(repo)
     assert "benchmark/pytorch/throughput" in run.data.metrics
-    assert steps(repo, run.info.run_id, "train/loss") == [1, 2]
+    assert steps(repo, run.info.run_id, "train/loss") == [1, 2, 3]
     assert steps(repo, run.info.run_id, "evaluate/accuracy") == [0]
     assert model_names(repo, run) == [mlflow_store.ONNX_MODEL, mlflow_store.PYTORCH_MODEL]
     assert run.info.status == "FINISHED"
