@@ -187,16 +187,8 @@ def console_script(name: str) -> str:
 def run_script(
     repo: Path, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """An installed console script (`vision-sweep ...`) inside the repo, captured."""
-    return subprocess.run(
-        [console_script(name), *args],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        env=child_env(env),
-        timeout=timeout,
-        check=False,
-    )
+    """An installed console script (`vision-sweep ...`, a Python file) inside the repo."""
+    return run_module(repo, console_script(name), *args, env=env, timeout=timeout)
 
 
 DVC = console_script("dvc")
